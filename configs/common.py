@@ -1,0 +1,71 @@
+"""Shared presets: model shapes and device meshes.
+
+Every experiment config picks a model preset and a mesh preset by name, then overrides what it needs.
+The `tiny` and `small` presets are trained from scratch on CPU; the Qwen presets carry the exact shapes
+of the public checkpoints, so that `graphgrpo_jax.models.hf` can import their safetensors.
+"""
+
+import ml_collections
+
+# Architecture fields shared by the Qwen2 / Qwen2.5 / Qwen3 / Llama family (see models/decoder.py).
+_BASE = dict(
+    arch="qwen2",  # qwen2 | qwen3 | llama: only changes which optional pieces are on by default
+    vocab_size=1024,
+    hidden_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    mlp_dim=128,
+    rope_theta=10_000.0,
+    rms_norm_eps=1e-6,
+    qkv_bias=True,  # Qwen2 has q/k/v biases, Llama and Qwen3 do not
+    qk_norm=False,  # Qwen3 normalises q and k per head
+    tie_embeddings=True,
+    dtype="float32",  # activation dtype
+    param_dtype="float32",
+    max_seq_len=256,
+)
+
+MODEL_PRESETS = {
+    # Unit tests and the CPU smoke run: compiles in seconds.
+    "tiny": dict(),
+    # CPU experiments and benchmarks (the "small" shape of experiments/README.md).
+    "small": dict(vocab_size=2048, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
+                  head_dim=64, mlp_dim=1024, max_seq_len=512),
+    # Public checkpoints (shapes from their config.json).
+    "qwen2.5-0.5b": dict(vocab_size=151_936, hidden_size=896, num_layers=24, num_heads=14,
+                         num_kv_heads=2, head_dim=64, mlp_dim=4864, rope_theta=1_000_000.0,
+                         dtype="bfloat16", param_dtype="bfloat16", max_seq_len=4096),
+    "qwen2.5-1.5b": dict(vocab_size=151_936, hidden_size=1536, num_layers=28, num_heads=12,
+                         num_kv_heads=2, head_dim=128, mlp_dim=8960, rope_theta=1_000_000.0,
+                         dtype="bfloat16", param_dtype="bfloat16", max_seq_len=4096),
+    "qwen3-0.6b": dict(arch="qwen3", vocab_size=151_936, hidden_size=1024, num_layers=28,
+                       num_heads=16, num_kv_heads=8, head_dim=128, mlp_dim=3072,
+                       rope_theta=1_000_000.0, qkv_bias=False, qk_norm=True,
+                       dtype="bfloat16", param_dtype="bfloat16", max_seq_len=4096),
+}
+
+# Mesh axes are (data, fsdp, tensor); -1 means "all remaining devices".
+MESH_PRESETS = {
+    "single": dict(data=1, fsdp=1, tensor=1),
+    "data": dict(data=-1, fsdp=1, tensor=1),
+    "fsdp": dict(data=1, fsdp=-1, tensor=1),
+    "fsdp_tensor": dict(data=1, fsdp=-1, tensor=2),
+}
+
+
+def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
+    """A model preset by name, with overrides applied."""
+    if name not in MODEL_PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(MODEL_PRESETS)}")
+    cfg = dict(_BASE, preset=name, **MODEL_PRESETS[name])
+    cfg.update(overrides)
+    return ml_collections.ConfigDict(cfg)
+
+
+def mesh_config(name: str = "single") -> ml_collections.ConfigDict:
+    """A mesh preset by name."""
+    if name not in MESH_PRESETS:
+        raise ValueError(f"unknown mesh preset {name!r}; choose one of {sorted(MESH_PRESETS)}")
+    return ml_collections.ConfigDict(dict(MESH_PRESETS[name], preset=name))
