@@ -1,0 +1,65 @@
+r"""Runs an experiment config: `python -m graphgrpo_jax.main --config=configs/relevance.py:cpu --workdir=DIR`.
+
+Overrides go on the command line (`--config.rl.group_size=16`). The config is validated before any work,
+written to `<workdir>/config.json`, and its `stages` run in order. Stages talk to each other only through
+the workdir (tokenizer folder, checkpoints, reports), so a re-run resumes where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+
+import jax
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from graphgrpo_jax import config_validation
+
+# Stage name -> "module:function"; each function takes (config, workdir). Imported lazily so a config
+# that runs one stage does not pay for the imports of the others.
+STAGES = {
+    "lm_smoke": "graphgrpo_jax.train.smoke:run",
+}
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:variant]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Validates `config` and runs its stages in `workdir` (the library entry point; main() wraps it)."""
+    config_validation.validate(config, stages=STAGES)
+    os.makedirs(workdir, exist_ok=True)
+    logging.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(),
+                 jax.process_count(), jax.devices())
+    logging.info("config:\n%s", config)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    for name in config.stages:
+        module_name, function_name = STAGES[name].split(":")
+        logging.info("stage %s", name)
+        getattr(importlib.import_module(module_name), function_name)(config, workdir)
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run wrote to its workdir (for notebooks and eval-only runs)."""
+    with open(os.path.join(workdir, "config.json")) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        run(_CONFIG.value, _WORKDIR.value)
+    except config_validation.ConfigError as err:
+        raise app.UsageError(str(err)) from None
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,108 @@
+"""Atomic, resumable checkpoints with orbax.
+
+A checkpoint holds one pytree (`state`: params, optimizer state, RNG key, step, φ, ...) and a small JSON
+`meta` (data position, config hash, anything a resume needs that is not an array). Orbax writes each step
+into a temporary folder and renames it when complete, so a save killed half-way leaves no step behind;
+`restore_latest` additionally falls back to older steps when the newest one cannot be read (a folder
+corrupted after the fact, a partial copy), so a run always resumes from the newest *good* checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """What `Checkpointer.restore_latest` returns."""
+
+    step: int
+    state: Any
+    meta: dict
+
+
+class Checkpointer:
+    """Saves every `save_every` steps, keeps the newest `max_to_keep`, restores the newest good one."""
+
+    def __init__(self, directory: str, *, max_to_keep: int = 3, save_every: int = 1,
+                 async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        self.save_every = save_every
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save),
+        )
+
+    def should_save(self, step: int) -> bool:
+        return self.save_every > 0 and step % self.save_every == 0
+
+    def save(self, step: int, state: Any, meta: dict | None = None, *, force: bool = False) -> bool:
+        """Saves `state` (any pytree of arrays) and `meta` (JSON) as `step`; returns whether it saved."""
+        if not (force or self.should_save(step)):
+            return False
+        if step in self._manager.all_steps():
+            return False
+        return self._manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                    meta=ocp.args.JsonSave(dict(meta or {}, step=step))),
+            force=True,
+        )
+
+    def all_steps(self) -> list[int]:
+        self._manager.reload()
+        return sorted(self._manager.all_steps())
+
+    def restore_latest(self, like: Any) -> Restored | None:
+        """Restores the newest readable step into the structure, shapes, dtypes and shardings of `like`.
+
+        `like` is a pytree of arrays or `jax.ShapeDtypeStruct`s (e.g. from `jax.eval_shape`). Steps that
+        fail to restore are skipped with a warning, newest first. Returns None when there is nothing.
+        """
+        self.wait()
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
+        for step in reversed(self.all_steps()):
+            try:
+                out = self._manager.restore(
+                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                  meta=ocp.args.JsonRestore()))
+            except Exception as err:  # noqa: BLE001 - any unreadable step falls back to the previous one
+                logging.warning("checkpoint step %d in %s is unreadable (%s: %s); trying an older one",
+                                step, self.directory, type(err).__name__, err)
+                self._set_aside(step)
+                continue
+            return Restored(step=step, state=out["state"], meta=dict(out["meta"]))
+        return None
+
+    def _set_aside(self, step: int) -> None:
+        """Renames an unreadable step's folder so the resumed run can save that step again."""
+        folder = os.path.join(self.directory, str(step))
+        if os.path.isdir(folder):
+            aside = f"{folder}.unreadable"
+            suffix = 0
+            while os.path.exists(aside):
+                suffix += 1
+                aside = f"{folder}.unreadable-{suffix}"
+            os.rename(folder, aside)
+            logging.warning("moved unreadable checkpoint %s to %s", folder, aside)
+        self._manager.reload()
+
+    def wait(self) -> None:
+        """Blocks until an async save has been committed to disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
