@@ -1,0 +1,230 @@
+"""The GRPO core shared by relevance and rewriting: reward scaling and the clipped policy loss.
+
+METHOD.md section C. Option names and definitions follow TRL's `GRPOTrainer` so that configs and logs
+read the same as there:
+
+* `scale_rewards`: `group` (TRL's default), `batch` or `none`; the mean is always the group's, the
+  std is the group's (`group`) or the whole batch's (`batch`), unbiased, plus `1e-4`.
+* `loss_type`: `grpo` (per-sequence token mean, then mean over sequences), `dapo` (token mean over the
+  batch) and `dr_grpo` (token sum over `N · max_completion_length`, a constant).
+* `epsilon` / `epsilon_high`: the lower / upper clip range of the ratio (DAPO's clip-higher).
+* `delta`: TRL's two-sided clip, the ratio capped at `delta` before the surrogate. With
+  `delta > 1 + epsilon_high` (enforced) it touches only tokens with negative advantage, where it bounds
+  the surrogate below by `delta · A`: exactly the dual clip of Ye et al. (2020) used by DAPO/VAPO-style
+  recipes, so no second option exists for it.
+* `beta`: weight of the k3 estimate of KL(π_θ ‖ π_ref), `exp(ref − logp) − (ref − logp) − 1`,
+  added per token; `beta = 0` needs no reference model.
+* `mask_truncated_completions`: rows flagged truncated (no EOS before the length limit) leave the loss.
+
+Advantages are per token, `[N, T]`, so graph credit plugs in directly; outcome GRPO is the special case
+where every token of a response carries the same value (a `[N]` array is broadcast that way).
+Everything here is a pure function of arrays; the config is read at trace time, so close over it (or
+`functools.partial`) before `jax.jit`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_dict
+
+LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+SCALE_REWARDS_MODES = ("group", "batch", "none")
+STD_EPS = 1e-4  # TRL's constant: keeps a tiny spread from blowing advantages up.
+
+
+def default_grpo_config() -> ml_collections.ConfigDict:
+    """GRPO options with TRL's names; defaults are TRL's except clip-higher (DAPO's 0.28)."""
+    return ml_collections.ConfigDict(
+        dict(
+            num_generations=8,  # G: rollouts per prompt, one contiguous block each
+            epsilon=0.2,  # lower clip: ratio >= 1 - epsilon
+            epsilon_high=0.28,  # upper clip: ratio <= 1 + epsilon_high
+            delta=config_dict.placeholder(float),  # dual clip cap on the ratio; None disables it
+            beta=0.0,  # KL weight; 0 means no reference model
+            loss_type="grpo",
+            scale_rewards="group",
+            num_iterations=1,  # mu: policy updates per generated batch (read by the training loop)
+            mask_truncated_completions=True,
+            max_completion_length=256,  # tokens; also the dr_grpo normaliser
+        )
+    )
+
+
+def validate_grpo_config(cfg: Any) -> None:
+    """Fails on the first bad GRPO option, naming it; call once at start-up."""
+
+    def fail(field: str, why: str) -> None:
+        raise ValueError(f"GRPO config field {field!r} = {getattr(cfg, field)!r}: {why}")
+
+    if cfg.num_generations < 2:
+        fail("num_generations", "a group needs at least 2 rollouts to have a relative advantage")
+    if not 0.0 <= cfg.epsilon < 1.0:
+        fail("epsilon", "must lie in [0, 1)")
+    if cfg.epsilon_high < 0.0:
+        fail("epsilon_high", "must be >= 0")
+    if cfg.delta is not None and cfg.delta <= 1.0 + cfg.epsilon_high:
+        fail("delta", f"the dual clip cap must exceed 1 + epsilon_high = {1.0 + cfg.epsilon_high}")
+    if cfg.beta < 0.0:
+        fail("beta", "must be >= 0")
+    if cfg.loss_type not in LOSS_TYPES:
+        fail("loss_type", f"choose one of {LOSS_TYPES}")
+    if cfg.scale_rewards not in SCALE_REWARDS_MODES:
+        fail("scale_rewards", f"choose one of {SCALE_REWARDS_MODES}")
+    if cfg.num_iterations < 1:
+        fail("num_iterations", "must be >= 1")
+    if cfg.max_completion_length < 1:
+        fail("max_completion_length", "must be >= 1")
+
+
+def _safe_std(x: jax.Array, axis: int | None = None) -> jax.Array:
+    """Unbiased std (torch's default, as TRL uses) whose gradient stays finite at zero spread.
+
+    `sqrt` has an infinite derivative at 0, so the zero-variance case takes a branch that never
+    touches it.
+    """
+    count = x.size if axis is None else x.shape[axis]
+    centred = x - jnp.mean(x, axis=axis, keepdims=True)
+    var = jnp.sum(centred**2, axis=axis, keepdims=True) / max(count - 1, 1)
+    positive = var > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, var, 1.0)), 0.0)
+
+
+def scale_rewards(rewards: jax.Array, group_size: int, mode: str = "group") -> jax.Array:
+    """Group-relative advantages `[N]` from rewards `[N]` laid out as contiguous groups.
+
+    A group whose rewards are all equal carries no learning signal and gets exactly 0 (the float
+    mean of equal numbers is not always equal to them, so this is enforced, not left to rounding).
+    """
+    if mode not in SCALE_REWARDS_MODES:
+        raise ValueError(f"scale_rewards mode {mode!r}: choose one of {SCALE_REWARDS_MODES}")
+    if rewards.ndim != 1 or rewards.shape[0] % group_size:
+        raise ValueError(
+            f"rewards of shape {rewards.shape} do not split into groups of {group_size}"
+        )
+    grouped = rewards.reshape(-1, group_size)
+    zero_spread = jnp.max(grouped, axis=1, keepdims=True) == jnp.min(grouped, axis=1, keepdims=True)
+    centred = jnp.where(zero_spread, 0.0, grouped - jnp.mean(grouped, axis=1, keepdims=True))
+    if mode == "group":
+        centred = centred / (_safe_std(grouped, axis=1) + STD_EPS)
+    elif mode == "batch":
+        centred = centred / (_safe_std(rewards) + STD_EPS)
+    return centred.reshape(rewards.shape)
+
+
+def group_reward_stats(rewards: jax.Array, group_size: int) -> dict[str, jax.Array]:
+    """TRL's reward logs: batch mean, mean within-group std, share of groups with zero std."""
+    grouped = rewards.reshape(-1, group_size)
+    group_std = _safe_std(grouped, axis=1)
+    zero_spread = jnp.max(grouped, axis=1) == jnp.min(grouped, axis=1)
+    return {
+        "reward": jnp.mean(rewards),
+        "reward_std": jnp.mean(group_std),
+        "frac_reward_zero_std": jnp.mean(zero_spread.astype(jnp.float32)),
+    }
+
+
+def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+    return jnp.sum(jnp.where(mask > 0, x, 0.0)) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def _aggregate(per_token_loss: jax.Array, mask: jax.Array, cfg: Any) -> jax.Array:
+    """Reduces `[N, T]` token losses to a scalar as `cfg.loss_type` says (TRL's three definitions)."""
+    total = jnp.where(mask > 0, per_token_loss, 0.0)
+    if cfg.loss_type == "grpo":
+        per_sequence = jnp.sum(total, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+        return jnp.mean(per_sequence)
+    if cfg.loss_type == "dapo":
+        return jnp.sum(total) / jnp.maximum(jnp.sum(mask), 1.0)
+    if cfg.loss_type == "dr_grpo":
+        if mask.shape[-1] > cfg.max_completion_length:
+            raise ValueError(
+                f"completions are {mask.shape[-1]} tokens wide but max_completion_length = "
+                f"{cfg.max_completion_length}: the dr_grpo normaliser must bound every length"
+            )
+        return jnp.sum(total) / (mask.shape[0] * cfg.max_completion_length)
+    raise ValueError(f"GRPO config field 'loss_type' = {cfg.loss_type!r}: choose one of {LOSS_TYPES}")
+
+
+def policy_loss(
+    logp: jax.Array,
+    old_logp: jax.Array | None,
+    advantages: jax.Array,
+    mask: jax.Array,
+    cfg: Any,
+    ref_logp: jax.Array | None = None,
+    *,
+    truncated: jax.Array | None = None,
+    entropy: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Clipped GRPO surrogate (+ k3 KL) over completion tokens, and its logs.
+
+    Args:
+      logp: `[N, T]` log-probs of the sampled tokens under the policy being trained.
+      old_logp: `[N, T]` log-probs under the policy that sampled them (constants). `None` means
+        `num_iterations = 1`, where they equal `logp` without its gradient.
+      advantages: `[N, T]` per-token advantages, or `[N]` for one advantage per response.
+      mask: `[N, T]` 1 on completion tokens, 0 on prompt and padding.
+      cfg: GRPO options (see `default_grpo_config`).
+      ref_logp: `[N, T]` reference-model log-probs; required when `cfg.beta > 0`, and when given
+        with `beta = 0` the KL is still logged.
+      truncated: `[N]` bool, rows that hit the length limit without EOS.
+      entropy: `[N, T]` per-token policy entropies, logged only.
+
+    Returns:
+      The scalar loss to minimise and a dict of scalar logs.
+    """
+    if cfg.beta > 0 and ref_logp is None:
+        raise ValueError(f"GRPO config field 'beta' = {cfg.beta}: a KL penalty needs ref_logp")
+    if old_logp is None:
+        old_logp = jax.lax.stop_gradient(logp)
+    mask = mask.astype(jnp.float32)
+    completion_lengths = jnp.sum(mask, axis=-1)
+    if truncated is not None and cfg.mask_truncated_completions:
+        mask = mask * (1.0 - truncated.astype(jnp.float32))[:, None]
+    if advantages.ndim == 1:
+        advantages = advantages[:, None]
+    advantages = jnp.broadcast_to(advantages, logp.shape)
+    active = mask > 0
+
+    # Log-ratios are zeroed off the mask first so that padding (even at -inf) stays finite.
+    ratio = jnp.exp(jnp.where(active, logp - old_logp, 0.0))
+    clipped = jnp.clip(ratio, 1.0 - cfg.epsilon, 1.0 + cfg.epsilon_high)
+    capped = ratio if cfg.delta is None else jnp.minimum(ratio, cfg.delta)
+    per_token_loss = -jnp.minimum(capped * advantages, clipped * advantages)
+
+    metrics = {}
+    if ref_logp is not None:
+        ref_log_ratio = jnp.where(active, ref_logp - logp, 0.0)
+        per_token_kl = jnp.exp(ref_log_ratio) - ref_log_ratio - 1.0
+        if cfg.beta > 0:
+            per_token_loss = per_token_loss + cfg.beta * per_token_kl
+        metrics["kl"] = _masked_mean(per_token_kl, mask)
+
+    loss = _aggregate(per_token_loss, mask, cfg)
+
+    low = (ratio < 1.0 - cfg.epsilon) & (advantages < 0)
+    high = (ratio > 1.0 + cfg.epsilon_high) & (advantages > 0)
+    metrics.update(
+        {
+            "loss": loss,
+            "clip_ratio/low": _masked_mean(low.astype(jnp.float32), mask),
+            "clip_ratio/high": _masked_mean(high.astype(jnp.float32), mask),
+            "clip_ratio/region": _masked_mean((low | high).astype(jnp.float32), mask),
+            "ratio/mean": _masked_mean(ratio, mask),
+            "completions/mean_length": jnp.mean(completion_lengths),
+            "completions/min_length": jnp.min(completion_lengths),
+            "completions/max_length": jnp.max(completion_lengths),
+        }
+    )
+    if cfg.delta is not None:
+        dual = (ratio > cfg.delta) & (advantages < 0)
+        metrics["clip_ratio/dual"] = _masked_mean(dual.astype(jnp.float32), mask)
+    if truncated is not None:
+        metrics["completions/truncated_ratio"] = jnp.mean(truncated.astype(jnp.float32))
+    if entropy is not None:
+        metrics["entropy"] = _masked_mean(entropy, mask)
+    return loss, jax.lax.stop_gradient(metrics)
