@@ -1,0 +1,357 @@
+"""A causal decoder of the Qwen2 / Qwen2.5 / Qwen3 / Llama family in Flax linen, with a KV cache.
+
+One module covers the family because its members differ only in switches: q/k/v biases (Qwen2),
+per-head q/k RMSNorm (Qwen3), tied or untied LM head. Weights follow Hugging Face's math exactly
+(rotate-half RoPE, grouped-query attention with kv head ``h // (H / K)``, SwiGLU), so `models.hf` imports
+checkpoints by reshaping tensors, never by re-deriving them.
+
+Everything other modules call is a pure function of explicit pytrees (params, cache, tokens); the linen
+module is an implementation detail. The KV cache is a plain pytree passed in and returned, so a jitted
+sampler can donate it.
+
+Params layout (``init_params``; leading ``L = num_layers`` axis on every layer weight, because the layers
+are one ``nn.scan``; logical axis names in brackets, see ``param_logical_axes``)::
+
+    embed_tokens                        [V, D]        (vocab, embed)
+    layers/input_layernorm/scale        [L, D]        (layers, embed)
+    layers/self_attn/q_proj/kernel      [L, D, H, Dh] (layers, embed, heads, head_dim)
+    layers/self_attn/q_proj/bias        [L, H, Dh]    (layers, heads, head_dim)       if qkv_bias
+    layers/self_attn/{k,v}_proj/kernel  [L, D, K, Dh] (layers, embed, kv_heads, head_dim)
+    layers/self_attn/{k,v}_proj/bias    [L, K, Dh]    (layers, kv_heads, head_dim)    if qkv_bias
+    layers/self_attn/{q,k}_norm/scale   [L, Dh]       (layers, head_dim)              if qk_norm
+    layers/self_attn/o_proj/kernel      [L, H, Dh, D] (layers, heads, head_dim, embed)
+    layers/post_attention_layernorm/scale [L, D]      (layers, embed)
+    layers/mlp/{gate,up}_proj/kernel    [L, D, F]     (layers, embed, mlp)
+    layers/mlp/down_proj/kernel         [L, F, D]     (layers, mlp, embed)
+    norm/scale                          [D]           (embed,)
+    lm_head                             [D, V]        (embed, vocab)                  if not tied
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Params = Any  # a nested dict of arrays, laid out as in the module docstring
+
+ARCHS = ("qwen2", "qwen3", "llama")
+_INIT_STDDEV = 0.02  # Hugging Face's `initializer_range` for this family
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """Static model shape and numerics; frozen and hashable so it can be a static jit argument."""
+
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    mlp_dim: int
+    rope_theta: float = 10_000.0
+    rms_norm_eps: float = 1e-6
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    tie_embeddings: bool = True
+    dtype: str = "float32"  # activations
+    param_dtype: str = "float32"
+    max_seq_len: int = 2048
+    remat: bool = False  # recompute each layer in the backward pass: memory for compute
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"model.arch={self.arch!r} is not one of {ARCHS}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"model.num_heads={self.num_heads} is not a multiple of "
+                             f"model.num_kv_heads={self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"model.head_dim={self.head_dim} must be even for rotary embeddings")
+        for field in ("dtype", "param_dtype"):
+            if getattr(self, field) not in ("float32", "bfloat16", "float16"):
+                raise ValueError(f"model.{field}={getattr(self, field)!r} is not float32, bfloat16 or float16")
+
+    @classmethod
+    def from_config(cls, cfg) -> "DecoderConfig":
+        """Builds from an ml_collections model config (or any mapping); extra keys such as `preset` are ignored."""
+        values = {}
+        for field in dataclasses.fields(cls):
+            if field.name in cfg:
+                values[field.name] = cfg[field.name]
+            elif field.default is dataclasses.MISSING:
+                raise ValueError(f"model config is missing the field {field.name!r}")
+        return cls(**values)
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def weight_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer for ``max_len`` slots, filled left to right.
+
+    All rows write the same slot at each step (prompts are left-padded), so ``end`` is one scalar;
+    ``valid`` marks which slots hold real tokens (False for prompt padding), and a row's next rotary
+    position is its count of valid slots.
+    """
+
+    keys: jax.Array  # [L, B, S, K, Dh]
+    values: jax.Array  # [L, B, S, K, Dh]
+    valid: jax.Array  # [B, S] bool
+    end: jax.Array  # [] int32: the next slot to write
+
+
+def _dense_init(names: tuple[str, ...]):
+    return nn.with_logical_partitioning(nn.initializers.normal(_INIT_STDDEV), names)
+
+
+def _zeros_init(names: tuple[str, ...]):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 and cast back before the scale, as Hugging Face does."""
+
+    eps: float
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+    axis_name: str = "embed"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), (self.axis_name,)),
+                           (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return normed.astype(self.dtype) * scale.astype(self.dtype)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [B, T, Dh] for Hugging Face's rotate-half RoPE (frequencies repeated, not interleaved)."""
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles = positions[..., None].astype(jnp.float32) * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates x [B, T, N, Dh] by its positions' angles (cos, sin [B, T, Dh]), in fp32."""
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x32 * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
+
+
+def grouped_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
+    """Grouped-query attention: q [B, T, H, Dh], k/v [B, S, K, Dh], allowed [B, T, S] -> [B, T, H, Dh].
+
+    Query head h reads kv head h // (H / K), as Hugging Face's `repeat_kv`. Scores and softmax are fp32.
+    A query with no allowed key (a padding position) gets a uniform mix instead of NaN; its output is
+    never used.
+    """
+    batch, length, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    q = q.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * head_dim ** -0.5
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(batch, length, num_heads, head_dim)
+
+
+class Attention(nn.Module):
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, allowed, layer_cache, write_slot):
+        cfg = self.config
+        dense = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+
+        def projection(name, num, heads_axis):
+            return nn.DenseGeneral((num, cfg.head_dim), use_bias=cfg.qkv_bias, name=name,
+                                   kernel_init=_dense_init(("embed", heads_axis, "head_dim")),
+                                   bias_init=_zeros_init((heads_axis, "head_dim")), **dense)(x)
+
+        q = projection("q_proj", cfg.num_heads, "heads")
+        k = projection("k_proj", cfg.num_kv_heads, "kv_heads")
+        v = projection("v_proj", cfg.num_kv_heads, "kv_heads")
+        if cfg.qk_norm:
+            norm = dict(eps=cfg.rms_norm_eps, axis_name="head_dim", **dense)
+            q = RMSNorm(name="q_norm", **norm)(q)
+            k = RMSNorm(name="k_norm", **norm)(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if layer_cache is not None:
+            cached_k, cached_v = layer_cache
+            k = jax.lax.dynamic_update_slice_in_dim(cached_k, k.astype(cached_k.dtype), write_slot, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cached_v, v.astype(cached_v.dtype), write_slot, axis=1)
+            layer_cache = (k, v)
+
+        out = grouped_query_attention(q, k, v, allowed)
+        out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=False, name="o_proj",
+                              kernel_init=_dense_init(("heads", "head_dim", "embed")), **dense)(out)
+        return out, layer_cache
+
+
+class MLP(nn.Module):
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        dense = dict(use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+        gate = nn.DenseGeneral(cfg.mlp_dim, name="gate_proj", kernel_init=_dense_init(("embed", "mlp")), **dense)(x)
+        up = nn.DenseGeneral(cfg.mlp_dim, name="up_proj", kernel_init=_dense_init(("embed", "mlp")), **dense)(x)
+        return nn.DenseGeneral(cfg.hidden_size, name="down_proj", kernel_init=_dense_init(("mlp", "embed")),
+                               **dense)(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block; the signature (carry, scanned, *broadcast) is what `nn.scan` wants."""
+
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x, layer_cache, cos, sin, allowed, write_slot):
+        cfg = self.config
+        norm = dict(eps=cfg.rms_norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+        attn_out, layer_cache = Attention(cfg, name="self_attn")(
+            RMSNorm(name="input_layernorm", **norm)(x), cos, sin, allowed, layer_cache, write_slot)
+        x = x + attn_out
+        x = x + MLP(cfg, name="mlp")(RMSNorm(name="post_attention_layernorm", **norm)(x))
+        return x, layer_cache
+
+
+class Decoder(nn.Module):
+    """Embeds tokens, runs the scanned layers, and (separately, see `logits`) projects to the vocabulary.
+
+    The head is a separate method so callers can take logits at a few positions only (the sampler needs
+    the last one; [B, T, V] logits of a 150k vocabulary do not fit anywhere).
+    """
+
+    config: DecoderConfig
+
+    def setup(self):
+        cfg = self.config
+        self.embed_tokens = self.param("embed_tokens", _dense_init(("vocab", "embed")),
+                                       (cfg.vocab_size, cfg.hidden_size), cfg.weight_dtype)
+        layer = nn.remat(DecoderLayer, prevent_cse=False) if cfg.remat else DecoderLayer
+        self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                              in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                              length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
+                              )(cfg, name="layers")
+        self.norm = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.weight_dtype, name="norm")
+        if not cfg.tie_embeddings:
+            self.lm_head = self.param("lm_head", _dense_init(("embed", "vocab")),
+                                      (cfg.hidden_size, cfg.vocab_size), cfg.weight_dtype)
+
+    def __call__(self, tokens: jax.Array, attention_mask: jax.Array,
+                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        """Final-normed hidden states [B, T, D] of `tokens`, appended to `cache` when one is given."""
+        cfg = self.config
+        attention_mask = attention_mask.astype(bool)
+        length = tokens.shape[1]
+        new_positions = jnp.cumsum(attention_mask, axis=1, dtype=jnp.int32) - 1
+        if cache is None:
+            positions = jnp.maximum(new_positions, 0)
+            key_valid = attention_mask
+            query_slots, key_slots = jnp.arange(length), jnp.arange(length)
+            layer_caches, write_slot = None, None
+        else:
+            positions = jnp.maximum(jnp.sum(cache.valid, axis=1, dtype=jnp.int32)[:, None] + new_positions, 0)
+            key_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attention_mask, cache.end, axis=1)
+            query_slots, key_slots = cache.end + jnp.arange(length), jnp.arange(cache.valid.shape[1])
+            layer_caches, write_slot = (cache.keys, cache.values), cache.end
+        allowed = key_valid[:, None, :] & (key_slots[None, None, :] <= query_slots[None, :, None])
+        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+
+        x = jnp.take(self.embed_tokens, tokens, axis=0).astype(cfg.compute_dtype)
+        x, layer_caches = self.layers(x, layer_caches, cos, sin, allowed, write_slot)
+        hidden = self.norm(x)
+        if cache is not None:
+            cache = KVCache(*layer_caches, valid=key_valid, end=cache.end + length)
+        return hidden, cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """fp32 logits [..., V] of final hidden states [..., D] (matmul in the compute dtype, fp32 accumulate)."""
+        cfg = self.config
+        if cfg.tie_embeddings:
+            head, spec = self.embed_tokens, "...d,vd->...v"
+        else:
+            head, spec = self.lm_head, "...d,dv->...v"
+        return jnp.einsum(spec, hidden.astype(cfg.compute_dtype), head.astype(cfg.compute_dtype),
+                          preferred_element_type=jnp.float32)
+
+
+def _all_logits(module: Decoder, tokens, attention_mask):
+    hidden, _ = module(tokens, attention_mask)
+    return module.logits(hidden)
+
+
+def _boxed_init(config: DecoderConfig, rng: jax.Array):
+    dummy = jnp.zeros((1, 1), jnp.int32)
+    return Decoder(config).init(rng, dummy, jnp.ones((1, 1), bool), method=_all_logits)["params"]
+
+
+def init_params(config: DecoderConfig, rng: jax.Array) -> Params:
+    """Fresh params (plain arrays, laid out as in the module docstring); traceable, so it can run under jit."""
+    return nn.meta.unbox(_boxed_init(config, rng))
+
+
+def param_logical_axes(config: DecoderConfig) -> Params:
+    """A PartitionSpec of logical axis names per param (same tree as `init_params`), for sharding rules."""
+    return nn.get_partition_spec(jax.eval_shape(functools.partial(_boxed_init, config), jax.random.key(0)))
+
+
+def forward(params: Params, config: DecoderConfig, tokens: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """fp32 logits [B, T, V]; positions come from the mask, so left padding does not change real rows."""
+    return Decoder(config).apply({"params": params}, tokens, attention_mask, method=_all_logits)
+
+
+def token_log_probs(params: Params, config: DecoderConfig, tokens: jax.Array,
+                    attention_mask: jax.Array) -> jax.Array:
+    """log p(tokens[:, t] | tokens[:, <t]) as [B, T] fp32.
+
+    Zero where there is no context to condition on: position 0, padding, and a row's first real token
+    (under left padding the token before it is padding).
+    """
+    logits = forward(params, config, tokens, attention_mask)[:, :-1]
+    targets = tokens[:, 1:]
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    log_probs = picked - jax.nn.logsumexp(logits, axis=-1)
+    mask = attention_mask.astype(bool)
+    scored = mask[:, 1:] & mask[:, :-1]
+    return jnp.pad(jnp.where(scored, log_probs, 0.0), ((0, 0), (1, 0)))
+
+
+def init_cache(config: DecoderConfig, batch_size: int, max_len: int) -> KVCache:
+    """An empty cache with room for `max_len` tokens per row (prompt padding included)."""
+    if max_len > config.max_seq_len:
+        raise ValueError(f"cache length {max_len} exceeds model.max_seq_len={config.max_seq_len}")
+    shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_dim)
+    return KVCache(keys=jnp.zeros(shape, config.compute_dtype), values=jnp.zeros(shape, config.compute_dtype),
+                   valid=jnp.zeros((batch_size, max_len), bool), end=jnp.zeros((), jnp.int32))
+
+
+def extend_cache(params: Params, config: DecoderConfig, cache: KVCache, tokens: jax.Array,
+                 attention_mask: jax.Array) -> tuple[jax.Array, KVCache]:
+    """Feeds tokens [B, T] into the cache; returns fp32 logits [B, V] for the token after the last one.
+
+    Prefill is this call with the left-padded prompt, each decode step is it with T = 1. The caller keeps
+    ``cache.end + T`` within the cache length (writes past the end are clamped by XLA, silently).
+    """
+    def last_logits(module: Decoder, tokens, attention_mask, cache):
+        hidden, cache = module(tokens, attention_mask, cache)
+        return module.logits(hidden[:, -1]), cache
+
+    return Decoder(config).apply({"params": params}, tokens, attention_mask, cache, method=last_logits)

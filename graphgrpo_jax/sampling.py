@@ -1,0 +1,175 @@
+"""Batched autoregressive sampling with a KV cache: a jitted prefill, then a `lax.while_loop` decode.
+
+Params are a traced argument (a policy update never recompiles), the cache is donated to the decode
+loop (updated in place), and the sampling knobs (temperature, top-k, top-p), the rng, the EOS ids and
+the pad id are traced too: only the model config, the shapes and `max_new_tokens` are static.
+
+Log-probabilities: `SampleOutput.log_probs` holds log π_θ(token | prefix) under the **raw model
+distribution** (temperature 1, no top-k/top-p filtering), the distribution `decoder.token_log_probs`
+scores, so they serve directly as the "old" log-probs of the RL ratio. They are not the log-probs of the
+tempered, filtered distribution the tokens were drawn from.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from graphgrpo_jax.models import decoder
+
+
+class SamplingParams(NamedTuple):
+    """Traced sampling knobs. temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off."""
+
+    temperature: float | jax.Array = 1.0
+    top_k: int | jax.Array = 0
+    top_p: float | jax.Array = 1.0
+
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+class SampleOutput(NamedTuple):
+    tokens: jax.Array  # [B, N] int32; pad_id after a row's EOS
+    log_probs: jax.Array  # [B, N] fp32 log-probs of `tokens` under the raw model (see module doc); 0 after EOS
+    lengths: jax.Array  # [B] int32 tokens generated, the EOS included
+    truncated: jax.Array  # [B] bool: reached max_new_tokens without an EOS
+
+
+def filter_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
+    """Logits [B, V] divided by the temperature, with tokens outside the top-k / top-p sets at -inf.
+
+    Applied in Hugging Face's order (temperature, top-k, top-p), top-p on the top-k-renormalised
+    distribution; top-p keeps the smallest prefix of the sorted tokens whose mass reaches p. Ties at a
+    threshold are all kept. One sort serves both filters, skipped when neither is on.
+    """
+    temperature = jnp.asarray(params.temperature, jnp.float32)
+    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
+    top_k = jnp.asarray(params.top_k, jnp.int32)
+    top_p = jnp.asarray(params.top_p, jnp.float32)
+    vocab = logits.shape[-1]
+
+    def truncate(scaled):
+        ordered = -jnp.sort(-scaled, axis=-1)
+        rank = jnp.arange(vocab)
+        in_top_k = (top_k <= 0) | (rank < top_k)
+        ordered = jnp.where(in_top_k, ordered, -jnp.inf)
+        probs = jax.nn.softmax(ordered, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        num_kept = jnp.sum(in_top_k & (mass_before < top_p), axis=-1, keepdims=True)
+        threshold = jnp.take_along_axis(ordered, jnp.maximum(num_kept - 1, 0), axis=-1)
+        return jnp.where(scaled >= threshold, scaled, -jnp.inf)
+
+    filtering = ((top_k > 0) & (top_k < vocab)) | (top_p < 1.0)
+    return jax.lax.cond(filtering, truncate, lambda scaled: scaled, scaled)
+
+
+def sample_tokens(logits: jax.Array, rng: jax.Array, params: SamplingParams) -> jax.Array:
+    """One token per row from logits [B, V]: argmax when temperature is 0, else a filtered draw."""
+    drawn = jax.random.categorical(rng, filter_logits(logits, params), axis=-1)
+    greedy = jnp.argmax(logits, axis=-1)
+    return jnp.where(jnp.asarray(params.temperature) > 0, drawn, greedy).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "cache_len"))
+def prefill(params: decoder.Params, config: decoder.DecoderConfig, prompt_tokens: jax.Array,
+            prompt_mask: jax.Array, cache_len: int) -> tuple[jax.Array, decoder.KVCache]:
+    """Runs left-padded prompts [B, P] through a fresh cache of `cache_len` slots.
+
+    Returns the logits [B, V] of each row's next token (the last column is real under left padding)
+    and the cache.
+    """
+    cache = decoder.init_cache(config, prompt_tokens.shape[0], cache_len)
+    return decoder.extend_cache(params, config, cache, prompt_tokens, prompt_mask)
+
+
+class _LoopState(NamedTuple):
+    step: jax.Array
+    cache: decoder.KVCache
+    next_logits: jax.Array
+    tokens: jax.Array
+    log_probs: jax.Array
+    lengths: jax.Array
+    done: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens"), donate_argnames=("cache",))
+def decode(params: decoder.Params, config: decoder.DecoderConfig, cache: decoder.KVCache,
+           next_logits: jax.Array, rng: jax.Array, sampling: SamplingParams, eos_ids: jax.Array,
+           pad_id: jax.Array, max_new_tokens: int) -> tuple[SampleOutput, decoder.KVCache]:
+    """Samples up to `max_new_tokens` per row after `prefill`, stopping each row at its first EOS.
+
+    The loop exits as soon as every row is done. The cache must have `max_new_tokens` free slots; it is
+    donated and returned (holding the completions too), so XLA updates it in place instead of copying.
+    """
+    batch = next_logits.shape[0]
+    eos_ids = jnp.atleast_1d(jnp.asarray(eos_ids, jnp.int32))
+    pad_id = jnp.asarray(pad_id, jnp.int32)
+
+    def body(state: _LoopState) -> _LoopState:
+        token = sample_tokens(state.next_logits, jax.random.fold_in(rng, state.step), sampling)
+        log_prob = jnp.take_along_axis(jax.nn.log_softmax(state.next_logits), token[:, None], axis=-1)[:, 0]
+        token = jnp.where(state.done, pad_id, token)
+        log_prob = jnp.where(state.done, 0.0, log_prob)
+        next_logits, cache = decoder.extend_cache(params, config, state.cache, token[:, None],
+                                                  jnp.ones((batch, 1), bool))
+        return _LoopState(
+            step=state.step + 1,
+            cache=cache,
+            next_logits=next_logits,
+            tokens=jax.lax.dynamic_update_index_in_dim(state.tokens, token, state.step, axis=1),
+            log_probs=jax.lax.dynamic_update_index_in_dim(state.log_probs, log_prob, state.step, axis=1),
+            lengths=state.lengths + (~state.done).astype(jnp.int32),
+            done=state.done | jnp.isin(token, eos_ids),
+        )
+
+    def not_finished(state: _LoopState) -> jax.Array:
+        return (state.step < max_new_tokens) & ~jnp.all(state.done)
+
+    initial = _LoopState(
+        step=jnp.zeros((), jnp.int32),
+        cache=cache,
+        next_logits=next_logits,
+        tokens=jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
+        log_probs=jnp.zeros((batch, max_new_tokens), jnp.float32),
+        lengths=jnp.zeros((batch,), jnp.int32),
+        done=jnp.zeros((batch,), bool),
+    )
+    final = jax.lax.while_loop(not_finished, body, initial)
+    output = SampleOutput(tokens=final.tokens, log_probs=final.log_probs, lengths=final.lengths,
+                          truncated=~final.done)
+    return output, final.cache
+
+
+def generate(params: decoder.Params, config: decoder.DecoderConfig, prompt_tokens: jax.Array,
+             prompt_mask: jax.Array, rng: jax.Array, *, max_new_tokens: int, eos_ids: int | Sequence[int],
+             pad_id: int, sampling: SamplingParams = SamplingParams()) -> SampleOutput:
+    """Completions for a batch of left-padded prompts [B, P] (mask True on real tokens).
+
+    Compiles once per (config, batch, prompt length, max_new_tokens); new params, rng, sampling knobs or
+    EOS/pad ids reuse the compiled code.
+    """
+    prompt_mask = jnp.asarray(prompt_mask, bool)
+    if prompt_tokens.ndim != 2 or prompt_tokens.shape != prompt_mask.shape:
+        raise ValueError(f"prompt_tokens {prompt_tokens.shape} and prompt_mask {prompt_mask.shape} must be "
+                         f"the same [batch, length] shape")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
+    ends_in_padding = np.flatnonzero(~np.asarray(prompt_mask[:, -1]))
+    if ends_in_padding.size:
+        raise ValueError(f"prompts must be left-padded and non-empty; rows {ends_in_padding[:5].tolist()} "
+                         f"end in padding")
+    # Fixed dtypes, so Python numbers and arrays hit the same compiled decode loop.
+    sampling = SamplingParams(jnp.asarray(sampling.temperature, jnp.float32),
+                              jnp.asarray(sampling.top_k, jnp.int32), jnp.asarray(sampling.top_p, jnp.float32))
+    next_logits, cache = prefill(params, config, prompt_tokens, prompt_mask,
+                                 cache_len=prompt_tokens.shape[1] + max_new_tokens)
+    output, _ = decode(params, config, cache, next_logits, rng, sampling,
+                       jnp.atleast_1d(jnp.asarray(eos_ids, jnp.int32)), jnp.asarray(pad_id, jnp.int32),
+                       max_new_tokens=max_new_tokens)
+    return output

@@ -1,0 +1,155 @@
+"""The KV-cache sampler against greedy decoding by full recomputation, teacher-forced log-probs, and numpy.
+
+The model is the perturbed Qwen2 parity fixture: its logits are far from uniform, so greedy paths vary
+and sampled tokens differ from greedy ones.
+"""
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from graphgrpo_jax import sampling
+from graphgrpo_jax.models import decoder, hf
+
+FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "hf_qwen2_tiny"
+PROMPT_LEN, NEW_TOKENS, PAD = 8, 8, 0
+NEVER = 10_000  # an EOS id outside the vocabulary: rows run to max_new_tokens
+forward = jax.jit(decoder.forward, static_argnums=1)
+token_log_probs = jax.jit(decoder.token_log_probs, static_argnums=1)
+
+
+@pytest.fixture(scope="module")
+def model():
+    config = hf.config_from_hf(FIXTURE)
+    return decoder.DecoderConfig.from_config(config), hf.load_params(FIXTURE, config)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    """Three left-padded prompts with 8, 5 and 2 real tokens."""
+    tokens = np.random.default_rng(0).integers(1, 128, size=(3, PROMPT_LEN)).astype(np.int32)
+    mask = np.ones_like(tokens, dtype=bool)
+    for row, length in enumerate((8, 5, 2)):
+        tokens[row, :PROMPT_LEN - length], mask[row, :PROMPT_LEN - length] = PAD, False
+    return tokens, mask
+
+
+@pytest.fixture(scope="module")
+def greedy_by_recompute(model, prompts):
+    """Greedy completions computed the slow way: a full forward over the whole sequence per new token."""
+    config, params = model
+    tokens, mask = prompts
+    sequence = np.concatenate([tokens, np.full((3, NEW_TOKENS), PAD, np.int32)], axis=1)
+    sequence_mask = np.concatenate([mask, np.zeros((3, NEW_TOKENS), bool)], axis=1)
+    for step in range(NEW_TOKENS):
+        logits = np.asarray(forward(params, config, sequence, sequence_mask))
+        sequence[:, PROMPT_LEN + step] = logits[:, PROMPT_LEN + step - 1].argmax(-1)
+        sequence_mask[:, PROMPT_LEN + step] = True
+    return sequence[:, PROMPT_LEN:]
+
+
+def generate(model, prompts, rng=0, eos=NEVER, **knobs):
+    config, params = model
+    tokens, mask = prompts
+    return sampling.generate(params, config, jnp.asarray(tokens), mask, jax.random.key(rng),
+                             max_new_tokens=NEW_TOKENS, eos_ids=eos, pad_id=PAD,
+                             sampling=sampling.SamplingParams(**knobs))
+
+
+def test_greedy_matches_recomputation_and_log_probs_match_teacher_forcing(model, prompts, greedy_by_recompute):
+    config, params = model
+    out = generate(model, prompts, temperature=0.0)
+    np.testing.assert_array_equal(out.tokens, greedy_by_recompute)
+    assert len(set(np.asarray(out.tokens).ravel().tolist())) > 3  # varied paths, not one repeated token
+    np.testing.assert_array_equal(out.lengths, [NEW_TOKENS] * 3)
+    np.testing.assert_array_equal(out.truncated, [True] * 3)
+
+    tokens, mask = prompts
+    sequence = np.concatenate([tokens, np.asarray(out.tokens)], axis=1)
+    sequence_mask = np.concatenate([mask, np.ones((3, NEW_TOKENS), bool)], axis=1)
+    teacher_forced = np.asarray(token_log_probs(params, config, sequence, sequence_mask))[:, PROMPT_LEN:]
+    np.testing.assert_allclose(out.log_probs, teacher_forced, atol=1e-5)
+
+
+def test_rows_stop_at_their_first_eos(model, prompts, greedy_by_recompute):
+    config, params = model
+    eos = int(greedy_by_recompute[0, 3])
+    out = generate(model, prompts, temperature=0.0, eos=[NEVER, eos])
+    stopped = 0
+    for row, reference in enumerate(greedy_by_recompute):
+        hits = np.flatnonzero(reference == eos)
+        length = hits[0] + 1 if hits.size else NEW_TOKENS
+        stopped += bool(hits.size)
+        assert out.lengths[row] == length
+        assert bool(out.truncated[row]) == (not hits.size)
+        np.testing.assert_array_equal(out.tokens[row, :length], reference[:length])
+        np.testing.assert_array_equal(out.tokens[row, length:], PAD)
+        np.testing.assert_array_equal(out.log_probs[row, length:], 0.0)
+        assert np.all(np.asarray(out.log_probs[row, :length]) < 0)
+    assert stopped >= 1
+
+
+def test_sampling_is_reproducible_per_key(model, prompts, greedy_by_recompute):
+    first, again, other = (generate(model, prompts, rng=rng) for rng in (1, 1, 2))
+    np.testing.assert_array_equal(first.tokens, again.tokens)
+    np.testing.assert_array_equal(first.log_probs, again.log_probs)
+    assert not np.array_equal(first.tokens, other.tokens)
+    assert not np.array_equal(first.tokens, greedy_by_recompute)
+
+
+@pytest.mark.parametrize("knobs", [dict(top_k=1), dict(top_p=1e-6), dict(temperature=1e-5)],
+                         ids=["top_k=1", "top_p=1e-6", "temperature=1e-5"])
+def test_degenerate_sampling_is_greedy(model, prompts, greedy_by_recompute, knobs):
+    np.testing.assert_array_equal(generate(model, prompts, rng=3, **knobs).tokens, greedy_by_recompute)
+
+
+def test_new_rng_or_knobs_do_not_recompile(model, prompts):
+    generate(model, prompts, rng=4)
+    sizes = sampling.prefill._cache_size(), sampling.decode._cache_size()
+    generate(model, prompts, rng=5, temperature=0.7, top_k=5, top_p=0.9, eos=3)
+    generate(model, prompts, rng=6, temperature=0.0)
+    assert (sampling.prefill._cache_size(), sampling.decode._cache_size()) == sizes
+
+
+def test_right_padded_prompts_are_refused(model, prompts):
+    tokens, mask = prompts
+    right_padded = mask.copy()
+    right_padded[1] = mask[1, ::-1]
+    with pytest.raises(ValueError, match=r"left-padded.*rows \[1\] end in padding"):
+        generate(model, (tokens, right_padded))
+
+
+PROBS = np.array([0.15, 0.5, 0.1, 0.25])  # deliberately unsorted
+
+
+@pytest.mark.parametrize("knobs, kept", [
+    (dict(top_k=2), [1, 3]),
+    (dict(top_p=0.7), [1, 3]),  # mass before each sorted token: 0, .5, .75, .9
+    (dict(top_p=0.8), [0, 1, 3]),
+    (dict(top_k=2, top_p=0.6), [1]),  # top-p sees the top-k-renormalised [2/3, 1/3]
+    (dict(top_k=0, top_p=1.0), [0, 1, 2, 3]),
+])
+def test_filter_logits_keeps_the_right_tokens(knobs, kept):
+    logits = jnp.log(jnp.asarray(PROBS, jnp.float32))[None]
+    filtered = np.asarray(sampling.filter_logits(logits, sampling.SamplingParams(**knobs)))[0]
+    np.testing.assert_array_equal(np.flatnonzero(np.isfinite(filtered)), kept)
+    np.testing.assert_allclose(filtered[kept], np.log(PROBS[kept]), rtol=1e-6)
+
+
+def test_draws_follow_the_filtered_tempered_distribution():
+    draws = 20_000
+    logits = jnp.tile(jnp.log(jnp.asarray(PROBS, jnp.float32)), (draws, 1))
+    sample = jax.jit(sampling.sample_tokens)
+    cases = [
+        (sampling.SamplingParams(1.0, 3, 1.0), np.array([0.15, 0.5, 0.0, 0.25]) / 0.9),
+        # Temperature 0.5 squares the probabilities: [.065, .725, .029, .181]; top-p 0.9 keeps the top two.
+        (sampling.SamplingParams(0.5, 0, 0.9), np.array([0.0, 0.25, 0.0, 0.0625]) / 0.3125),
+    ]
+    for seed, (knobs, expected) in enumerate(cases):
+        knobs = sampling.SamplingParams(*(jnp.asarray(x) for x in knobs))
+        tokens = np.asarray(sample(logits, jax.random.key(seed), knobs))
+        frequencies = np.bincount(tokens, minlength=4) / draws
+        np.testing.assert_allclose(frequencies, expected, atol=0.015)
