@@ -17,7 +17,8 @@ class ConfigError(ValueError):
     """A config value that cannot run; the message names the field and what it may hold."""
 
 
-_MISSING = object()
+_MISSING = object()  # get_field's default: raise when the field is absent
+_ABSENT = object()
 
 
 def get_field(config: ml_collections.ConfigDict, path: str, default: Any = _MISSING) -> Any:
@@ -119,8 +120,8 @@ def validate(config: ml_collections.ConfigDict, *, stages: Collection[str] | Non
         rules.append(Choice("stages", tuple(stages), many=True))
     errors = []
     for rule in rules:
-        value = get_field(config, rule.path, _MISSING)
-        if value is _MISSING:
+        value = get_field(config, rule.path, _ABSENT)
+        if value is _ABSENT:
             continue
         problem = rule.check(value)
         if problem:
