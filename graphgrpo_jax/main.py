@@ -21,6 +21,10 @@ from graphgrpo_jax import config_validation
 # Stage name -> "module:function"; each function takes (config, workdir). Imported lazily so a config
 # that runs one stage does not pay for the imports of the others.
 STAGES = {
+    "data": "graphgrpo_jax.data.prepare:run",
+    "sft": "graphgrpo_jax.train.sft:run",
+    "rl": "graphgrpo_jax.train.rl:run",
+    "eval": "graphgrpo_jax.train.evaluate:run",
     "lm_smoke": "graphgrpo_jax.train.smoke:run",
 }
 

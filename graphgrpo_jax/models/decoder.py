@@ -325,13 +325,24 @@ def token_log_probs(params: Params, config: DecoderConfig, tokens: jax.Array,
     Zero where there is no context to condition on: position 0, padding, and a row's first real token
     (under left padding the token before it is padding).
     """
+    return token_log_probs_and_entropy(params, config, tokens, attention_mask)[0]
+
+
+def token_log_probs_and_entropy(params: Params, config: DecoderConfig, tokens: jax.Array,
+                                attention_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`token_log_probs` and the entropy of the distribution each token was drawn from, both [B, T].
+
+    One forward pass for both (the RL loss logs the policy's entropy); under jit an unused entropy costs
+    nothing.
+    """
     logits = forward(params, config, tokens, attention_mask)[:, :-1]
-    targets = tokens[:, 1:]
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    log_probs = picked - jax.nn.logsumexp(logits, axis=-1)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
+    entropy = log_z - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1)
     mask = attention_mask.astype(bool)
     scored = mask[:, 1:] & mask[:, :-1]
-    return jnp.pad(jnp.where(scored, log_probs, 0.0), ((0, 0), (1, 0)))
+    pad = lambda x: jnp.pad(jnp.where(scored, x, 0.0), ((0, 0), (1, 0)))
+    return pad(picked - log_z), pad(entropy)
 
 
 def init_cache(config: DecoderConfig, batch_size: int, max_len: int) -> KVCache:

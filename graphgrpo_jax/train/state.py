@@ -17,8 +17,9 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, num_steps: int) -> op
     """Linear warm-up to `learning_rate`, then constant or cosine decay to 10% over the run."""
     warmup = min(int(cfg.get("warmup_steps", 0)), max(num_steps - 1, 0))
     if cfg.get("schedule", "constant") == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, max(warmup, 1),
-                                                  max(num_steps, warmup + 1), end_value=0.1 * cfg.learning_rate)
+        warmup = max(warmup, 1)
+        return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, max(num_steps, warmup + 1),
+                                                  end_value=0.1 * cfg.learning_rate)
     if warmup == 0:
         return optax.constant_schedule(cfg.learning_rate)
     return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, warmup),

@@ -1,0 +1,72 @@
+"""`data` stage: the synthetic world and the tokenizer every later stage reads from the workdir.
+
+The world is a deterministic function of `config.world`, so later stages rebuild it (in about a second)
+instead of parsing a file; `data/world.json` is written once for inspection and for other tools. The
+tokenizer is a byte-level BPE trained on the world's text, with the CoT tags as whole tokens so node
+spans map onto tokens exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import ml_collections
+from absl import logging
+
+from graphgrpo_jax import tokenization
+from graphgrpo_jax.data import cot, world as world_lib
+
+
+def node_tags(nodes=cot.NODES) -> list[str]:
+    return [tag for node in nodes for tag in (f"<{node}>", f"</{node}>")]
+
+
+def tokenizer_dir(workdir: str) -> str:
+    return os.path.join(workdir, "tokenizer")
+
+
+@functools.lru_cache(maxsize=4)
+def _build_world(world_items: tuple) -> world_lib.World:
+    return world_lib.build_world(dict(world_items))
+
+
+def load_world(config: ml_collections.ConfigDict) -> world_lib.World:
+    """The world of `config.world` (cached per config within a process)."""
+    items = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in config.world.to_dict().items()))
+    return _build_world(items)
+
+
+def corpus(world: world_lib.World) -> list[str]:
+    """Every text the models will read or write, for tokenizer training."""
+    texts = [p.title for p in world.products]
+    texts += [q.text for q in world.queries] + [q.gold_rewrite for q in world.queries]
+    texts += [cot.prompt_text(p.query, p.product_title) + " " + p.teacher_cot for p in world.pairs]
+    texts += [cot.tag_prompt(t.query, t.rewrite) + " " + t.tag for t in world.rewrite_tags]
+    return texts
+
+
+def load_tokenizer(config: ml_collections.ConfigDict, workdir: str):
+    tokenizer = tokenization.load_tokenizer(tokenizer_dir(workdir))
+    if len(tokenizer) > config.model.vocab_size:
+        raise ValueError(f"{tokenizer_dir(workdir)}: the tokenizer has {len(tokenizer)} tokens but "
+                         f"config.model.vocab_size is {config.model.vocab_size}")
+    return tokenizer
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+    world = load_world(config)
+    data_dir = os.path.join(workdir, "data")
+    os.makedirs(data_dir, exist_ok=True)
+    world_path = os.path.join(data_dir, "world.json")
+    if not os.path.exists(world_path):
+        with open(world_path + ".tmp", "w") as f:
+            f.write(world.to_json())
+        os.replace(world_path + ".tmp", world_path)
+    if not os.path.exists(os.path.join(tokenizer_dir(workdir), "tokenizer.json")):
+        tokenizer = tokenization.train_tokenizer(corpus(world), config.tokenizer.vocab_size,
+                                                 tokenizer_dir(workdir), extra_special_tokens=node_tags())
+        logging.info("trained a %d-token tokenizer in %s", len(tokenizer), tokenizer_dir(workdir))
+    load_tokenizer(config, workdir)  # fail now, not three stages later, when it does not fit the model
+    logging.info("world: %d products, %d queries, %d relevance pairs, %d rewrite tags", len(world.products),
+                 len(world.queries), len(world.pairs), len(world.rewrite_tags))

@@ -1,0 +1,100 @@
+"""`eval` stage: the policy's relevance judgements on held-out pairs, as metrics, a report and plots.
+
+The label is read from the greedy chain of thought (a format failure counts as wrong). Label
+probabilities for AUC come from forced decoding: after the generated reasoning (label-last) or right after
+the prompt (label-first), each allowed label is scored as the continuation `<y>label</y>` and the scores
+are normalised over labels.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from graphgrpo_jax import sampling
+from graphgrpo_jax.data import batching, cot
+from graphgrpo_jax.eval import classification
+from graphgrpo_jax.models import decoder
+from graphgrpo_jax.rl import rollout
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _sequence_log_probs(params, model_config, tokens, attention_mask, score_mask):
+    logp = decoder.token_log_probs(params, model_config, tokens, attention_mask)
+    return (logp * score_mask).sum(axis=1)
+
+
+def label_probabilities(params, model_config, tokenizer, prompt_tokens: np.ndarray, prompt_mask: np.ndarray,
+                        prefixes: list[list[int]], labels: tuple[str, ...], response_len: int) -> np.ndarray:
+    """[B, L] probabilities of each label written as `<y>label</y>` after each row's response prefix."""
+    open_id, close_id = tokenizer.convert_tokens_to_ids(["<y>", "</y>"])
+    label_ids = [tokenizer(label, add_special_tokens=False)["input_ids"] for label in labels]
+    batch, prompt_len = prompt_tokens.shape
+    tokens = np.full((batch * len(labels), prompt_len + response_len), tokenizer.pad_token_id, np.int32)
+    mask = np.zeros(tokens.shape, bool)
+    score = np.zeros(tokens.shape, np.float32)
+    for b, prefix in enumerate(prefixes):
+        for k, ids in enumerate(label_ids):
+            row = b * len(labels) + k
+            continuation = [open_id, *ids, close_id]
+            response = (list(prefix) + continuation)[-response_len:]
+            tokens[row, :prompt_len], mask[row, :prompt_len] = prompt_tokens[b], prompt_mask[b]
+            tokens[row, prompt_len:prompt_len + len(response)] = response
+            mask[row, prompt_len:prompt_len + len(response)] = True
+            start = prompt_len + len(response) - len(continuation) + 1  # after "<y>"
+            score[row, start:prompt_len + len(response)] = 1.0
+    scores = np.array(_sequence_log_probs(params, model_config, jnp.asarray(tokens), jnp.asarray(mask),
+                                            jnp.asarray(score))).reshape(batch, len(labels))
+    scores -= scores.max(axis=1, keepdims=True)
+    return np.exp(scores) / np.exp(scores).sum(axis=1, keepdims=True)
+
+
+def judge(params, config: ml_collections.ConfigDict, tokenizer, queries: list[str], titles: list[str],
+          batch_size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Greedy judgements of (query, title) pairs: predicted label ids (-1 = format failure),
+    label probabilities [N, L] and the generated texts."""
+    model_config = decoder.DecoderConfig.from_config(config.model)
+    labels = cot.LABELS
+    label_first = config.sft.label_position == "first"
+    pieces = rollout.TokenPieces(tokenizer)
+    open_y = tokenizer.convert_tokens_to_ids("<y>")
+    preds, probs, texts = [], [], []
+    prompts = [cot.prompt_text(q, t) for q, t in zip(queries, titles)]
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        padded = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one shape, one compile
+        enc = batching.encode_prompts(tokenizer, padded, config.data.max_prompt_len, truncate_prompts=True)
+        prompt_tokens, prompt_mask = enc["tokens"], enc["attention_mask"].astype(bool)
+        out = jax.device_get(sampling.generate(
+            params, model_config, jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask), jax.random.PRNGKey(0),
+            max_new_tokens=config.data.max_response_len, eos_ids=tokenizer.eos_token_id,
+            pad_id=tokenizer.pad_token_id, sampling=sampling.GREEDY))
+        prefixes = []
+        for b in range(len(padded)):
+            ids = [int(t) for t in out.tokens[b, :out.lengths[b]]]
+            if ids and not out.truncated[b]:
+                ids = ids[:-1]  # EOS
+            text, _ = pieces.decode(ids)
+            parse = cot.parse(text)
+            label = parse.values.get(cot.LABEL_NODE) if parse.valid else None
+            if b < len(chunk):
+                preds.append(labels.index(label) if label in labels else -1)
+                texts.append(text)
+            prefixes.append([] if label_first else (ids[:ids.index(open_y)] if open_y in ids else ids))
+        probs.append(label_probabilities(params, model_config, tokenizer, prompt_tokens, prompt_mask, prefixes,
+                                         labels, config.data.max_response_len)[:len(chunk)])
+    return np.asarray(preds), np.concatenate(probs), texts
+
+
+def evaluate_pairs(params, config, tokenizer, queries, titles, gold_labels) -> dict:
+    preds, probs, texts = judge(params, config, tokenizer, queries, titles, config.eval.batch_size)
+    gold = [cot.LABELS.index(label) for label in gold_labels]
+    report = classification.classification_report(gold, preds, cot.LABELS, probs=probs,
+                                                  negative_class="Irrelevant")
+    report["examples"] = [{"query": q, "title": t, "gold": g, "generated": x}
+                          for q, t, g, x in list(zip(queries, titles, gold_labels, texts))[:5]]
+    return report

@@ -1,0 +1,147 @@
+"""`rl` stage: Graph-GRPO (or any registered credit variant) from the SFT policy.
+
+Each step: draw prompts (a deterministic function of the step) → sample G completions each with the
+jitted KV-cache sampler → parse nodes and score outcomes on the host (`rl/rollout.py`) → encode the
+groups as a jraph batch → μ = `grpo.num_iterations` jitted updates of the clipped policy loss, whose
+token advantages come from `graph/credit.py` inside the differentiated function, so the same gradient
+call also yields dLoss/dφ for the `main_loss` controller. φ and the controller's optimizer live in the
+training state and are checkpointed with the policy.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from graphgrpo_jax import sampling
+from graphgrpo_jax.data import batching, cot, prepare
+from graphgrpo_jax.graph import controller as controller_lib, credit as credit_lib, spec as spec_lib
+from graphgrpo_jax.models import decoder
+from graphgrpo_jax.rl import grpo, rollout
+from graphgrpo_jax.train import checkpointing, loop, sft, state as state_lib
+
+
+def restore_policy(config: ml_collections.ConfigDict, workdir: str, stage: str = "sft"):
+    """The newest policy params of `stage` ("sft" or "rl") in the workdir (structure from the config)."""
+    model_config = decoder.DecoderConfig.from_config(config.model)
+    like = jax.eval_shape(lambda: sft.init_state(config, model_config, 1)[0])
+    if stage == "rl":
+        spec = spec_lib.graph_spec(config.graph)
+        settings = controller_lib.controller_settings(config.controller, spec,
+                                                      num_iterations=config.grpo.num_iterations)
+        like["controller"] = jax.eval_shape(lambda: controller_lib.init_controller(spec, settings))
+    with checkpointing.Checkpointer(loop.checkpoint_dir(workdir, stage)) as ckpt:
+        restored = ckpt.restore_latest(like)
+    if restored is None:
+        raise FileNotFoundError(f"no {stage} checkpoint in {loop.checkpoint_dir(workdir, stage)}: run the "
+                                f"'{stage}' stage first")
+    return restored.state["params"]
+
+
+def make_update(model_config, grpo_cfg, spec, settings, optimizer):
+    """Jitted μ-iteration update: returns new params/opt state, dLoss/dφ (mean over iterations), metrics."""
+
+    def loss_fn(params, phi, batch, graph, old_logp, ref_logp):
+        credit = credit_lib.compute_credit(graph, phi, batch["node_ids"], batch["completion_mask"],
+                                           spec=spec, settings=settings)
+        logp, entropy = decoder.token_log_probs_and_entropy(params, model_config, batch["tokens"],
+                                                            batch["attention_mask"])
+        loss, metrics = grpo.policy_loss(logp, old_logp, credit.token_advantages, batch["completion_mask"],
+                                         grpo_cfg, ref_logp=ref_logp, truncated=batch["truncated"],
+                                         entropy=jax.lax.stop_gradient(entropy))
+        return loss, {**metrics, **credit.node_stats}
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def update(params, opt_state, phi, batch, graph, ref_params):
+        ref_logp = None
+        if grpo_cfg.beta > 0:
+            ref_logp = decoder.token_log_probs(ref_params, model_config, batch["tokens"], batch["attention_mask"])
+        old_logp = None
+        if grpo_cfg.num_iterations > 1:
+            old_logp = jax.lax.stop_gradient(
+                decoder.token_log_probs(params, model_config, batch["tokens"], batch["attention_mask"]))
+
+        def iteration(carry, _):
+            params, opt_state = carry
+            (_, metrics), (g_params, g_phi) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
+                params, phi, batch, graph, old_logp, ref_logp)
+            updates, opt_state = optimizer.update(g_params, opt_state, params)
+            metrics["grad_norm"] = optax.global_norm(g_params)
+            return (optax.apply_updates(params, updates), opt_state), (g_phi, metrics)
+
+        (params, opt_state), (g_phi, metrics) = jax.lax.scan(iteration, (params, opt_state), None,
+                                                             length=grpo_cfg.num_iterations)
+        return params, opt_state, g_phi.mean(0), jax.tree_util.tree_map(lambda m: m[0], metrics)
+
+    return update
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    cfg, grpo_cfg = config.rl, config.grpo
+    grpo.validate_grpo_config(grpo_cfg)
+    group_size = grpo_cfg.num_generations
+    world, tokenizer = prepare.load_world(config), prepare.load_tokenizer(config, workdir)
+    model_config = decoder.DecoderConfig.from_config(config.model)
+    spec = spec_lib.graph_spec(config.graph)
+    settings = credit_lib.credit_settings(config.credit, spec)
+    ctrl_settings = controller_lib.controller_settings(config.controller, spec,
+                                                       num_iterations=grpo_cfg.num_iterations)
+    if ctrl_settings.mode == "alignment":
+        raise ValueError("config.controller.mode = 'alignment' is not wired into the RL loop yet "
+                         "(graph/controller.py implements its objective); use 'fixed' or 'main_loss'")
+
+    sft_params = restore_policy(config, workdir)
+    optimizer = state_lib.make_optimizer(config.rl_optim, cfg.num_steps)
+    state = state_lib.create_state(sft_params, optimizer, jax.random.PRNGKey(config.seed + 1))
+    state["controller"] = controller_lib.init_controller(spec, ctrl_settings)
+    # The reference is its own copy: the policy's buffers are donated to each update.
+    ref_params = jax.tree_util.tree_map(jnp.copy, sft_params) if grpo_cfg.beta > 0 else None
+    update = make_update(model_config, grpo_cfg, spec, settings, optimizer)
+    pieces = rollout.TokenPieces(tokenizer)
+    sample_cfg = sampling.SamplingParams(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+    generate = functools.partial(sampling.generate, max_new_tokens=config.data.max_response_len,
+                                 eos_ids=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+
+    pairs = world.split_pairs("train")
+    prompts = [cot.prompt_text(p.query, p.product_title) for p in pairs]
+    encoded = batching.encode_prompts(tokenizer, prompts, config.data.max_prompt_len)
+
+    def batch_fn(step: int) -> np.ndarray:
+        return np.random.default_rng([config.seed, 2, step]).choice(len(pairs), cfg.prompts_per_step,
+                                                                     replace=False)
+
+    def step_fn(state, rows):
+        rows = np.repeat(rows, group_size)
+        prompt_tokens = encoded["tokens"][rows]
+        prompt_mask = encoded["attention_mask"][rows].astype(bool)
+        rng, sample_rng = jax.random.split(state["rng"])
+        out = jax.device_get(generate(state["params"], model_config, jnp.asarray(prompt_tokens),
+                                      jnp.asarray(prompt_mask), sample_rng, sampling=sample_cfg))
+        batch = rollout.assemble(pieces, spec, prompt_tokens, prompt_mask, out.tokens, out.lengths,
+                                 out.truncated, [pairs[r].label for r in rows], cfg.r_format)
+        graph = spec_lib.encode_rollouts(spec, batch.rewards, batch.node_values, batch.gold_label, group_size,
+                                         max_rollouts=len(rows) + 1)
+        arrays = {"tokens": batch.tokens, "attention_mask": batch.attention_mask,
+                  "completion_mask": batch.completion_mask, "node_ids": batch.node_ids,
+                  "truncated": batch.truncated}
+        ctrl = state["controller"]
+        params, opt_state, g_phi, metrics = update(state["params"], state["opt_state"], ctrl.phi, arrays, graph,
+                                                   ref_params)
+        ctrl, ctrl_metrics = controller_lib.controller_update(ctrl, g_phi, ctrl_settings)
+        reward_stats = grpo.group_reward_stats(jnp.asarray(batch.rewards), group_size)
+        correct = batch.rewards == 1.0
+        metrics = {**{f"rl/{k}": v for k, v in metrics.items() if not k.startswith("credit/")},
+                   **{k: v for k, v in metrics.items() if k.startswith("credit/")},
+                   **{f"rl/{k}": v for k, v in reward_stats.items()}, **ctrl_metrics,
+                   "rl/accuracy": correct.mean(), "rl/format_failure_rate": 1.0 - batch.format_valid.mean(),
+                   "rl/format_failures": float((~batch.format_valid).sum())}
+        return {**state, "params": params, "opt_state": opt_state, "rng": rng, "controller": ctrl}, metrics
+
+    return loop.fit(state, step_fn, batch_fn, num_steps=cfg.num_steps, workdir=workdir, stage="rl",
+                    save_every=config.checkpoint.save_every, max_to_keep=config.checkpoint.max_to_keep,
+                    log_every=cfg.log_every, progress_keys=("rl/reward", "rl/accuracy"))

@@ -1,0 +1,121 @@
+"""Supervised fine-tuning with CoT random masking (METHOD.md A4).
+
+"Label-first CoT random masking": while learning to write the chain of thought, a random share `p_mask`
+of the reasoning is left out of the loss, but the decision label is always supervised. With
+`mask_unit="token"` each reasoning token is dropped independently; with `mask_unit="node"` whole nodes
+are dropped (all tokens of e.g. `<qa>…</qa>` of one example together). Tokens outside every node span
+(separators, end of sequence) are always supervised, like the label.
+
+Batches are dicts of equal-shape int/bool arrays `[B, T]`: `tokens`, `attention_mask`, `loss_mask`
+(response tokens) and `node_ids` (index of the node a token writes, or negative outside node spans).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from graphgrpo_jax.data import batching, cot, prepare
+from graphgrpo_jax.models import decoder
+from graphgrpo_jax.train import loop, state as state_lib
+
+MASK_UNITS = ("token", "node")
+
+
+def cot_random_mask(rng: jax.Array, loss_mask: jax.Array, node_ids: jax.Array, *, label_node: int,
+                    num_nodes: int, p_mask: float, unit: str = "token") -> jax.Array:
+    """The loss mask with a random `p_mask` share of reasoning tokens (or nodes) removed.
+
+    Reasoning tokens are response tokens of a node other than `label_node`; everything else keeps its
+    `loss_mask` value.
+    """
+    if unit not in MASK_UNITS:
+        raise ValueError(f"mask_unit must be one of {MASK_UNITS}, got {unit!r}")
+    reasoning = loss_mask & (node_ids >= 0) & (node_ids != label_node)
+    if unit == "token":
+        drop = jax.random.bernoulli(rng, p_mask, loss_mask.shape)
+    else:
+        node_drop = jax.random.bernoulli(rng, p_mask, (loss_mask.shape[0], num_nodes))
+        drop = jnp.take_along_axis(node_drop, jnp.clip(node_ids, 0, num_nodes - 1), axis=1)
+    return loss_mask & ~(reasoning & drop)
+
+
+def sft_loss(params: Any, model_config: decoder.DecoderConfig, batch: dict, loss_mask: jax.Array
+             ) -> tuple[jax.Array, dict]:
+    """Mean negative log-likelihood over the tokens of `loss_mask`."""
+    logp = decoder.token_log_probs(params, model_config, batch["tokens"], batch["attention_mask"])
+    weights = loss_mask.astype(jnp.float32)
+    num_tokens = jnp.maximum(weights.sum(), 1.0)
+    loss = -(logp * weights).sum() / num_tokens
+    return loss, {"sft/loss": loss, "sft/supervised_tokens": weights.sum()}
+
+
+def make_train_step(model_config: decoder.DecoderConfig, optimizer: optax.GradientTransformation, *,
+                    label_node: int, num_nodes: int, p_mask: float, mask_unit: str):
+    """A pure `step(state, batch) -> (state, metrics)`; jit it with the caller's shardings."""
+
+    def step(state: dict, batch: dict) -> tuple[dict, dict]:
+        rng, mask_rng = jax.random.split(state["rng"])
+        loss_mask = batch["loss_mask"]
+        if p_mask > 0:
+            loss_mask = cot_random_mask(mask_rng, loss_mask, batch["node_ids"], label_node=label_node,
+                                        num_nodes=num_nodes, p_mask=p_mask, unit=mask_unit)
+        (_, metrics), grads = jax.value_and_grad(sft_loss, has_aux=True)(
+            state["params"], model_config, batch, loss_mask)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics["sft/grad_norm"] = optax.global_norm(grads)
+        metrics["sft/masked_share"] = 1.0 - metrics["sft/supervised_tokens"] / jnp.maximum(
+            batch["loss_mask"].sum(), 1)
+        return {**state, "params": params, "opt_state": opt_state, "rng": rng}, metrics
+
+    return step
+
+
+# --------------------------------------------------------------------------------------------------
+# The `sft` stage of the relevance pipeline
+# --------------------------------------------------------------------------------------------------
+
+def relevance_examples(config: ml_collections.ConfigDict, world, split: str) -> tuple[list[str], list[str]]:
+    """(prompts, teacher responses) of a split, rendered with the configured label position."""
+    pairs = world.split_pairs(split)
+    prompts = [cot.prompt_text(p.query, p.product_title) for p in pairs]
+    responses = [cot.render(p.teacher, label_position=config.sft.label_position) for p in pairs]
+    return prompts, responses
+
+
+def init_state(config: ml_collections.ConfigDict, model_config: decoder.DecoderConfig, num_steps: int
+               ) -> tuple[dict, optax.GradientTransformation]:
+    """A fresh policy state (params from the seed) and its optimizer."""
+    optimizer = state_lib.make_optimizer(config.optim, num_steps)
+    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    params = jax.jit(decoder.init_params, static_argnums=0)(model_config, init_rng)
+    return state_lib.create_state(params, optimizer, state_rng), optimizer
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    cfg = config.sft
+    world, tokenizer = prepare.load_world(config), prepare.load_tokenizer(config, workdir)
+    model_config = decoder.DecoderConfig.from_config(config.model)
+    prompts, responses = relevance_examples(config, world, "train")
+    data = batching.encode_sft(tokenizer, prompts, responses, config.data.max_prompt_len,
+                               config.data.max_response_len)
+    state, optimizer = init_state(config, model_config, cfg.num_steps)
+    step_fn = jax.jit(make_train_step(model_config, optimizer, label_node=cot.NODES.index(cot.LABEL_NODE),
+                                      num_nodes=len(cot.NODES), p_mask=cfg.p_mask, mask_unit=cfg.mask_unit),
+                      donate_argnums=0)
+    keys = ("tokens", "attention_mask", "loss_mask", "node_ids")
+
+    def batch_fn(step: int) -> dict:
+        rows = np.random.default_rng([config.seed, 1, step]).choice(len(prompts), config.optim.batch_size,
+                                                                     replace=False)
+        return {k: data[k][rows].astype(bool if k.endswith("mask") else np.int32) for k in keys}
+
+    return loop.fit(state, step_fn, batch_fn, num_steps=cfg.num_steps, workdir=workdir, stage="sft",
+                    save_every=config.checkpoint.save_every, max_to_keep=config.checkpoint.max_to_keep,
+                    log_every=cfg.log_every, progress_keys=("sft/loss",))
