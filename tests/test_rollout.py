@@ -1,5 +1,8 @@
 """Rollout assembly: completions → parsed nodes, rewards, node ids; malformed output is a counted penalty."""
 
+import types
+
+import ml_collections
 import numpy as np
 import pytest
 
@@ -47,11 +50,18 @@ def test_assemble_scores_parses_and_lays_out(tokenizer):
     lengths = np.array([len(c) for c in completions])
     truncated = np.array([False, False, False, True])
     prompt = batching.encode_prompts(tokenizer, [cot.prompt_text("red runners", "Acme trail shoes red")] * 4, 24)
-    out = rollout.assemble(rollout.TokenPieces(tokenizer), spec, prompt["tokens"], prompt["attention_mask"],
-                           tokens, lengths, truncated, ["Substitute"] * 4, r_format=-1.0)
+    pair = types.SimpleNamespace(query="red runners", product_title="Acme trail shoes red", label="Substitute")
+    world = types.SimpleNamespace(split_pairs=lambda split: [pair])
+    config = ml_collections.ConfigDict({"rl": {"r_format": -1.0}})
+    task = rollout.RelevanceTask(config, world, spec)
+    assert task.prompts() == [cot.prompt_text("red runners", "Acme trail shoes red")]
+    out = rollout.assemble(task, rollout.TokenPieces(tokenizer), np.zeros(4, int), prompt["tokens"],
+                           prompt["attention_mask"], tokens, lengths, truncated)
 
-    np.testing.assert_array_equal(out.rewards, [1.0, 0.0, -1.0, -1.0])
-    np.testing.assert_array_equal(out.format_valid, [True, True, False, False])
+    np.testing.assert_array_equal(out.scored.rewards, [1.0, 0.0, -1.0, -1.0])
+    np.testing.assert_array_equal(out.scored.format_valid, [True, True, False, False])
+    assert out.scored.metrics["rl/format_failures"] == 2.0
+    assert out.scored.metrics["rl/accuracy"] == 0.25
     assert out.texts[0] == texts[0]  # EOS is not part of the judged text
     assert out.completion_mask.sum(axis=1).tolist() == lengths.tolist()
     assert not out.completion_mask[:, :24].any()
@@ -61,10 +71,10 @@ def test_assemble_scores_parses_and_lays_out(tokenizer):
     np.testing.assert_array_equal(out.node_ids[0, 24:24 + lengths[0]], sft["node_ids"][0, 24:24 + lengths[0]])
     # Node values: categorical by index, free text interned (equal strings share an id), missing -1.
     ms, y, qs, qa = (spec.index(n) for n in ("ms", "y", "qs", "qa"))
-    assert out.node_values[0, ms] == spec.categorical[ms].index("partial")
-    assert out.node_values[1, y] == spec.categorical[y].index("Exact")
-    assert out.node_values[0, qs] == out.node_values[1, qs] == out.node_values[2, qs] >= 0
-    assert out.node_values[2, qa] == -1 and out.node_values[2, y] == -1
+    assert out.scored.node_values[0, ms] == spec.categorical[ms].index("partial")
+    assert out.scored.node_values[1, y] == spec.categorical[y].index("Exact")
+    assert out.scored.node_values[0, qs] == out.scored.node_values[1, qs] == out.scored.node_values[2, qs] >= 0
+    assert out.scored.node_values[2, qa] == -1 and out.scored.node_values[2, y] == -1
 
 
 def test_unknown_categorical_value_counts_as_missing():

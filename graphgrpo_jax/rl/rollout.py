@@ -63,53 +63,97 @@ def node_value_ids(parses: Sequence[cot.ParseResult], spec: GraphSpec) -> np.nda
 
 
 @dataclasses.dataclass
+class Scored:
+    """What a task makes of a batch of decoded completions (rows: prompts × G, groups contiguous)."""
+
+    rewards: np.ndarray  # [N] float32 outcome rewards
+    node_values: np.ndarray  # [N, V] int32 value ids, -1 missing (see `node_value_ids`)
+    node_ids: list[np.ndarray]  # per rollout, [length] int32: node of each completion token, -1 outside
+    gold_label: np.ndarray | None  # [N] int32 gold root value (rule_consistency evidence), or None
+    format_valid: np.ndarray  # [N] bool
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # task-specific logs
+
+
+class RelevanceTask:
+    """Query–product relevance judged through the tagged CoT; outcome 1 / 0 / r_format (METHOD.md A2)."""
+
+    name = "relevance"
+
+    def __init__(self, config, world, spec: GraphSpec):
+        self.pairs = world.split_pairs("train")
+        self.spec = spec
+        self.r_format = config.rl.r_format
+        self.labels = spec.categorical[spec.root]
+
+    def prompts(self) -> list[str]:
+        return [cot.prompt_text(p.query, p.product_title) for p in self.pairs]
+
+    def score(self, rows: np.ndarray, texts: list[str], offsets: list[np.ndarray]) -> Scored:
+        parses = [cot.parse(text, self.spec.nodes) for text in texts]
+        gold = [self.pairs[r].label for r in rows]
+        rewards = rewards_lib.relevance_outcome(texts, [{"label": label} for label in gold], parses=parses,
+                                                r_format=self.r_format, nodes=self.spec.nodes)
+        valid = np.asarray([p.valid for p in parses], bool)
+        return Scored(
+            rewards=np.asarray(rewards, np.float32),
+            node_values=node_value_ids(parses, self.spec),
+            node_ids=[cot.token_node_ids(p.char_spans, o, self.spec.nodes) for p, o in zip(parses, offsets)],
+            gold_label=np.asarray([self.labels.index(label) for label in gold], np.int32),
+            format_valid=valid,
+            metrics={"rl/accuracy": float(np.mean(rewards == 1.0)),
+                     "rl/format_failure_rate": float(1.0 - valid.mean()),
+                     "rl/format_failures": float((~valid).sum())},
+        )
+
+
+@dataclasses.dataclass
 class Rollouts:
-    """Host arrays of one RL batch; rows are prompts × G samples, groups contiguous."""
+    """Host arrays of one RL batch in the `[prompt | response]` layout; rows are prompts × G."""
 
     tokens: np.ndarray  # [N, P + C] int32
     attention_mask: np.ndarray  # [N, P + C] bool
     completion_mask: np.ndarray  # [N, P + C] bool: generated tokens, EOS included
     node_ids: np.ndarray  # [N, P + C] int32: node index, -1 outside node spans, -2 prompt/padding
-    node_values: np.ndarray  # [N, V] int32
-    rewards: np.ndarray  # [N] float32
-    gold_label: np.ndarray  # [N] int32
     truncated: np.ndarray  # [N] bool
-    format_valid: np.ndarray  # [N] bool
     texts: list[str]
+    scored: Scored
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """What the jitted update reads."""
+        return {"tokens": self.tokens, "attention_mask": self.attention_mask,
+                "completion_mask": self.completion_mask, "node_ids": self.node_ids, "truncated": self.truncated}
 
 
-def assemble(pieces: TokenPieces, spec: GraphSpec, prompt_tokens: np.ndarray, prompt_mask: np.ndarray,
-             completions: np.ndarray, lengths: np.ndarray, truncated: np.ndarray, gold_labels: Sequence[str],
-             r_format: float) -> Rollouts:
-    """Parses completions and lays out everything the update step needs."""
+def decode_completions(pieces: TokenPieces, completions: np.ndarray, lengths: np.ndarray,
+                       truncated: np.ndarray) -> tuple[list[str], list[np.ndarray]]:
+    """Texts (without the final EOS) and per-token offsets of each generated row."""
+    texts, offsets = [], []
+    for i in range(completions.shape[0]):
+        text, row_offsets = pieces.decode(completions[i, :int(lengths[i])])
+        if lengths[i] and not truncated[i]:  # the last token is EOS: not part of the judged text
+            text = text[:int(row_offsets[-1, 0])]
+        texts.append(text)
+        offsets.append(row_offsets)
+    return texts, offsets
+
+
+def assemble(task, pieces: TokenPieces, rows: np.ndarray, prompt_tokens: np.ndarray, prompt_mask: np.ndarray,
+             completions: np.ndarray, lengths: np.ndarray, truncated: np.ndarray) -> Rollouts:
+    """Decodes, scores (through `task`) and lays out one batch of rollouts."""
     num, prompt_len = prompt_tokens.shape
     completion_len = completions.shape[1]
+    texts, offsets = decode_completions(pieces, completions, lengths, truncated)
+    scored = task.score(rows, texts, offsets)
     completion_mask = np.arange(completion_len)[None, :] < np.asarray(lengths)[:, None]
-    node_ids = np.full((num, completion_len), batching.PROMPT_NODE_ID, np.int32)
-    texts, parses = [], []
-    for i in range(num):
-        length = int(lengths[i])
-        ids = completions[i, :length]
-        text, offsets = pieces.decode(ids)
-        eos_cut = len(text)
-        if length and not truncated[i]:  # the last token is EOS: not part of the judged text
-            eos_cut = int(offsets[-1, 0])
-        parse = cot.parse(text[:eos_cut], spec.nodes)
-        texts.append(text[:eos_cut])
-        parses.append(parse)
-        node_ids[i, :length] = cot.token_node_ids(parse.char_spans, offsets, spec.nodes)
-    contexts = [{"label": label} for label in gold_labels]
-    rewards = rewards_lib.relevance_outcome(texts, contexts, parses=parses, r_format=r_format, nodes=spec.nodes)
-    labels = spec.categorical[spec.root]
+    node_ids = np.full((num, prompt_len + completion_len), batching.PROMPT_NODE_ID, np.int32)
+    for i, ids in enumerate(scored.node_ids):
+        node_ids[i, prompt_len:prompt_len + len(ids)] = ids
     return Rollouts(
         tokens=np.concatenate([prompt_tokens, completions], axis=1).astype(np.int32),
         attention_mask=np.concatenate([prompt_mask.astype(bool), completion_mask], axis=1),
         completion_mask=np.concatenate([np.zeros((num, prompt_len), bool), completion_mask], axis=1),
-        node_ids=np.concatenate([np.full((num, prompt_len), batching.PROMPT_NODE_ID, np.int32), node_ids], axis=1),
-        node_values=node_value_ids(parses, spec),
-        rewards=np.asarray(rewards, np.float32),
-        gold_label=np.asarray([labels.index(label) for label in gold_labels], np.int32),
+        node_ids=node_ids,
         truncated=np.asarray(truncated, bool),
-        format_valid=np.asarray([p.valid for p in parses], bool),
         texts=texts,
+        scored=scored,
     )

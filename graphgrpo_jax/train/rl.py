@@ -11,6 +11,7 @@ training state and are checkpointed with the policy.
 from __future__ import annotations
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -19,11 +20,14 @@ import numpy as np
 import optax
 
 from graphgrpo_jax import sampling
-from graphgrpo_jax.data import batching, cot, prepare
+from graphgrpo_jax.data import batching, prepare
 from graphgrpo_jax.graph import controller as controller_lib, credit as credit_lib, spec as spec_lib
 from graphgrpo_jax.models import decoder
 from graphgrpo_jax.rl import grpo, rollout
 from graphgrpo_jax.train import checkpointing, loop, sft, state as state_lib
+
+# Task name (config.task) -> how its prompts are drawn and its completions scored (see rl/rollout.py).
+TASKS = {"relevance": rollout.RelevanceTask}
 
 
 def restore_policy(config: ml_collections.ConfigDict, workdir: str, stage: str = "sft"):
@@ -41,6 +45,13 @@ def restore_policy(config: ml_collections.ConfigDict, workdir: str, stage: str =
         raise FileNotFoundError(f"no {stage} checkpoint in {loop.checkpoint_dir(workdir, stage)}: run the "
                                 f"'{stage}' stage first")
     return restored.state["params"]
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_update(model_config, grpo_json: str, spec, settings, optim_json: str, num_steps: int):
+    optim_cfg = ml_collections.ConfigDict(json.loads(optim_json))
+    return make_update(model_config, ml_collections.ConfigDict(json.loads(grpo_json)), spec, settings,
+                       state_lib.make_optimizer(optim_cfg, num_steps))
 
 
 def make_update(model_config, grpo_cfg, spec, settings, optimizer):
@@ -101,18 +112,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state["controller"] = controller_lib.init_controller(spec, ctrl_settings)
     # The reference is its own copy: the policy's buffers are donated to each update.
     ref_params = jax.tree_util.tree_map(jnp.copy, sft_params) if grpo_cfg.beta > 0 else None
-    update = make_update(model_config, grpo_cfg, spec, settings, optimizer)
+    # Cached on the (hashable) settings, so repeated runs in one process (ablations, tests) compile once.
+    update = _cached_update(model_config, grpo_cfg.to_json(sort_keys=True), spec, settings,
+                            config.rl_optim.to_json(sort_keys=True), cfg.num_steps)
+    task = TASKS[config.get("task", "relevance")](config, world, spec)
     pieces = rollout.TokenPieces(tokenizer)
     sample_cfg = sampling.SamplingParams(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
     generate = functools.partial(sampling.generate, max_new_tokens=config.data.max_response_len,
                                  eos_ids=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
 
-    pairs = world.split_pairs("train")
-    prompts = [cot.prompt_text(p.query, p.product_title) for p in pairs]
+    prompts = task.prompts()
     encoded = batching.encode_prompts(tokenizer, prompts, config.data.max_prompt_len)
 
     def batch_fn(step: int) -> np.ndarray:
-        return np.random.default_rng([config.seed, 2, step]).choice(len(pairs), cfg.prompts_per_step,
+        return np.random.default_rng([config.seed, 2, step]).choice(len(prompts), cfg.prompts_per_step,
                                                                      replace=False)
 
     def step_fn(state, rows):
@@ -122,24 +135,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         rng, sample_rng = jax.random.split(state["rng"])
         out = jax.device_get(generate(state["params"], model_config, jnp.asarray(prompt_tokens),
                                       jnp.asarray(prompt_mask), sample_rng, sampling=sample_cfg))
-        batch = rollout.assemble(pieces, spec, prompt_tokens, prompt_mask, out.tokens, out.lengths,
-                                 out.truncated, [pairs[r].label for r in rows], cfg.r_format)
-        graph = spec_lib.encode_rollouts(spec, batch.rewards, batch.node_values, batch.gold_label, group_size,
+        batch = rollout.assemble(task, pieces, rows, prompt_tokens, prompt_mask, out.tokens, out.lengths,
+                                 out.truncated)
+        scored = batch.scored
+        graph = spec_lib.encode_rollouts(spec, scored.rewards, scored.node_values, scored.gold_label, group_size,
                                          max_rollouts=len(rows) + 1)
-        arrays = {"tokens": batch.tokens, "attention_mask": batch.attention_mask,
-                  "completion_mask": batch.completion_mask, "node_ids": batch.node_ids,
-                  "truncated": batch.truncated}
         ctrl = state["controller"]
-        params, opt_state, g_phi, metrics = update(state["params"], state["opt_state"], ctrl.phi, arrays, graph,
-                                                   ref_params)
+        params, opt_state, g_phi, metrics = update(state["params"], state["opt_state"], ctrl.phi, batch.arrays(),
+                                                   graph, ref_params)
         ctrl, ctrl_metrics = controller_lib.controller_update(ctrl, g_phi, ctrl_settings)
-        reward_stats = grpo.group_reward_stats(jnp.asarray(batch.rewards), group_size)
-        correct = batch.rewards == 1.0
+        reward_stats = grpo.group_reward_stats(jnp.asarray(scored.rewards), group_size)
         metrics = {**{f"rl/{k}": v for k, v in metrics.items() if not k.startswith("credit/")},
                    **{k: v for k, v in metrics.items() if k.startswith("credit/")},
-                   **{f"rl/{k}": v for k, v in reward_stats.items()}, **ctrl_metrics,
-                   "rl/accuracy": correct.mean(), "rl/format_failure_rate": 1.0 - batch.format_valid.mean(),
-                   "rl/format_failures": float((~batch.format_valid).sum())}
+                   **{f"rl/{k}": v for k, v in reward_stats.items()}, **ctrl_metrics, **scored.metrics}
         return {**state, "params": params, "opt_state": opt_state, "rng": rng, "controller": ctrl}, metrics
 
     return loop.fit(state, step_fn, batch_fn, num_steps=cfg.num_steps, workdir=workdir, stage="rl",
