@@ -23,7 +23,7 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
     config.variant = variant
     config.seed = 0
     # Stages run in order; each reads what earlier ones wrote to the workdir.
-    config.stages = ("data", "sft", "rl", "eval")
+    config.stages = ("data", "sft", "rl", "eval", "report")
     config.model = common.model_config("tiny")
     config.mesh = common.mesh_config("single")
 

@@ -25,6 +25,7 @@ STAGES = {
     "sft": "graphgrpo_jax.train.sft:run",
     "rl": "graphgrpo_jax.train.rl:run",
     "eval": "graphgrpo_jax.train.evaluate:run",
+    "report": "graphgrpo_jax.eval.report:run",
     "lm_smoke": "graphgrpo_jax.train.smoke:run",
 }
 

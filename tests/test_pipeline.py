@@ -48,6 +48,13 @@ def test_every_stage_leaves_its_outputs(workdir):
         counts = np.asarray(report["confusion_matrix"]["counts"])
         assert counts.shape == (4, 5) and counts.sum() == 8
         assert set(report["per_class"]) == {"Exact", "Substitute", "Complement", "Irrelevant"}
+    summary = json.load(open(workdir / "report.json"))
+    assert summary["eval"]["rl/test"]["accuracy"] == results["rl/test"]["accuracy"]
+    assert summary["rl"]["steps"] == 2
+    report_md = (workdir / "report.md").read_text()
+    for plot in ("rl_reward_accuracy.png", "phi.png", "node_advantage_std.png", "confusion_rl_test.png"):
+        assert (workdir / "plots" / plot).stat().st_size > 1000
+        assert f"plots/{plot}" in report_md
 
 
 def test_rl_logs_every_metric_each_step(workdir):

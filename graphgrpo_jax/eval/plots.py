@@ -1,0 +1,97 @@
+"""Plots of a run, from its metrics.jsonl and eval metrics (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _series(rows: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+    points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+    if not points:
+        return np.zeros(0), np.zeros(0)
+    steps, values = zip(*points)
+    return np.asarray(steps), np.asarray(values, np.float64)
+
+
+def _smooth(values: np.ndarray, window: int) -> np.ndarray:
+    if len(values) < window or window <= 1:
+        return values
+    kernel = np.ones(window) / window
+    return np.convolve(np.pad(values, (window // 2, window - 1 - window // 2), mode="edge"), kernel, "valid")
+
+
+def _save(fig, path: str) -> str:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def training_curves(rows: Sequence[dict], path: str, keys: Sequence[str] = ("rl/reward", "rl/accuracy"),
+                    window: int = 5) -> str:
+    """Raw (faint) and smoothed curves of `keys` over steps."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key in keys:
+        steps, values = _series(rows, key)
+        if len(steps):
+            line, = ax.plot(steps, _smooth(values, window), label=key)
+            ax.plot(steps, values, alpha=0.25, color=line.get_color())
+    ax.set_xlabel("RL step")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def phi_curves(rows: Sequence[dict], path: str) -> str:
+    """φ per edge over steps."""
+    keys = sorted({k for r in rows for k in r if k.startswith("phi/")})
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key in keys:
+        steps, values = _series(rows, key)
+        ax.plot(steps, values, label=key[len("phi/"):])
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("φ")
+    ax.set_ylim(-0.05, 1.05)
+    ax.legend(fontsize=8, ncol=2)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def node_advantage_spread(rows: Sequence[dict], nodes: Sequence[str], path: str) -> str:
+    """Per-node advantage std over steps: how differently graph credit treats the nodes."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for node in nodes:
+        steps, values = _series(rows, f"credit/adv_std/{node}")
+        if len(steps):
+            ax.plot(steps, _smooth(values, 5), label=node)
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("std of node advantage")
+    ax.legend(fontsize=8, ncol=4)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def confusion_matrix(report: dict, path: str, title: str = "") -> str:
+    """The confusion matrix of a classification report (rows gold, columns predicted + format failure)."""
+    cm = report["confusion_matrix"]
+    counts = np.asarray(cm["counts"])
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.imshow(counts, cmap="Blues")
+    ax.set_xticks(range(counts.shape[1]), [c.replace("<format failure>", "format\nfailure") for c in cm["cols_pred"]],
+                  fontsize=8)
+    ax.set_yticks(range(counts.shape[0]), cm["rows_gold"], fontsize=8)
+    for (i, j), value in np.ndenumerate(counts):
+        ax.text(j, i, str(value), ha="center", va="center",
+                color="white" if value > counts.max() / 2 else "black", fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("gold")
+    ax.set_title(title)
+    return _save(fig, path)
