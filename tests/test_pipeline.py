@@ -63,7 +63,8 @@ def test_rl_logs_every_metric_each_step(workdir):
     expected = ["rl/reward", "rl/reward_std", "rl/frac_reward_zero_std", "rl/kl", "rl/entropy",
                 "rl/clip_ratio/low", "rl/clip_ratio/high", "rl/clip_ratio/region", "rl/completions/mean_length",
                 "rl/accuracy", "rl/format_failure_rate", "rl/format_failures", "rl/loss", "rl/grad_norm",
-                "controller/grad_norm", "time/step_s"]
+                "controller/grad_norm", "time/step_s", "credit/blame_precision_at_1",
+                "credit/blame_random_baseline", "credit/credit_correctness_corr"]
     expected += [f"phi/{edge}" for edge in ("y->ms", "y->ma", "ms->qs", "ms->ps", "ma->qa", "ma->pa")]
     expected += [f"credit/adv_{stat}/{node}" for stat in ("mean", "std", "min", "max")
                  for node in ("qs", "qa", "ps", "pa", "ms", "ma", "y")]
@@ -87,3 +88,4 @@ def test_rl_resumes_exactly(workdir, tmp_path):
     for a, b in zip(jax.tree_util.tree_leaves(resumed), jax.tree_util.tree_leaves(straight)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert [r["step"] for r in metrics.read_jsonl(str(resumed_dir / "rl" / "metrics.jsonl"))] == [1, 2, 3]
+

@@ -50,7 +50,8 @@ def test_assemble_scores_parses_and_lays_out(tokenizer):
     lengths = np.array([len(c) for c in completions])
     truncated = np.array([False, False, False, True])
     prompt = batching.encode_prompts(tokenizer, [cot.prompt_text("red runners", "Acme trail shoes red")] * 4, 24)
-    pair = types.SimpleNamespace(query="red runners", product_title="Acme trail shoes red", label="Substitute")
+    pair = types.SimpleNamespace(query="red runners", product_title="Acme trail shoes red", label="Substitute",
+                                 gold=VALUES)
     world = types.SimpleNamespace(split_pairs=lambda split: [pair])
     config = ml_collections.ConfigDict({"rl": {"r_format": -1.0}})
     task = rollout.RelevanceTask(config, world, spec)
@@ -62,6 +63,9 @@ def test_assemble_scores_parses_and_lays_out(tokenizer):
     np.testing.assert_array_equal(out.scored.format_valid, [True, True, False, False])
     assert out.scored.metrics["rl/format_failures"] == 2.0
     assert out.scored.metrics["rl/accuracy"] == 0.25
+    assert out.scored.node_correct[0].all()
+    assert out.scored.node_correct[1].tolist() == [True] * 6 + [False]  # only the label is wrong
+    assert out.scored.node_correct[2].tolist() == [True] + [False] * 6  # only qs was written
     assert out.texts[0] == texts[0]  # EOS is not part of the judged text
     assert out.completion_mask.sum(axis=1).tolist() == lengths.tolist()
     assert not out.completion_mask[:, :24].any()

@@ -72,6 +72,7 @@ class Scored:
     gold_label: np.ndarray | None  # [N] int32 gold root value (rule_consistency evidence), or None
     format_valid: np.ndarray  # [N] bool
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # task-specific logs
+    node_correct: np.ndarray | None = None  # [N, V] bool against gold node values, where a task knows them
 
 
 class RelevanceTask:
@@ -94,6 +95,8 @@ class RelevanceTask:
         rewards = rewards_lib.relevance_outcome(texts, [{"label": label} for label in gold], parses=parses,
                                                 r_format=self.r_format, nodes=self.spec.nodes)
         valid = np.asarray([p.valid for p in parses], bool)
+        node_correct = np.asarray([[_same_value(node, parse.values.get(node), self.pairs[r].gold[node])
+                                    for node in self.spec.nodes] for parse, r in zip(parses, rows)], bool)
         return Scored(
             rewards=np.asarray(rewards, np.float32),
             node_values=node_value_ids(parses, self.spec),
@@ -103,7 +106,18 @@ class RelevanceTask:
             metrics={"rl/accuracy": float(np.mean(rewards == 1.0)),
                      "rl/format_failure_rate": float(1.0 - valid.mean()),
                      "rl/format_failures": float((~valid).sum())},
+            node_correct=node_correct,
         )
+
+
+def _same_value(node: str, value: str | None, gold: str) -> bool:
+    """A parsed node value equals the gold one; attribute lists compare as key=value sets."""
+    if value is None:
+        return False
+    if node in ("qa", "pa"):
+        parsed = cot.parse_attributes(value)
+        return parsed is not None and parsed == cot.parse_attributes(gold)
+    return value.strip() == gold
 
 
 @dataclasses.dataclass

@@ -10,6 +10,7 @@ training state and are checkpointed with the policy.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 
@@ -21,13 +22,20 @@ import optax
 
 from graphgrpo_jax import sampling
 from graphgrpo_jax.data import batching, prepare
+from graphgrpo_jax.eval import credit as eval_credit
 from graphgrpo_jax.graph import controller as controller_lib, credit as credit_lib, spec as spec_lib
 from graphgrpo_jax.models import decoder
-from graphgrpo_jax.rl import grpo, rollout
+from graphgrpo_jax.rl import grpo, rewrite_task, rollout
 from graphgrpo_jax.train import checkpointing, loop, sft, state as state_lib
 
-# Task name (config.task) -> how its prompts are drawn and its completions scored (see rl/rollout.py).
-TASKS = {"relevance": rollout.RelevanceTask}
+# Task name (config.task) -> factory (config, world, spec, workdir) of how its prompts are drawn and its
+# completions scored (see rl/rollout.py); the workdir holds what a task reads from earlier stages.
+TASKS = {
+    "relevance": lambda config, world, spec, workdir: rollout.RelevanceTask(config, world, spec),
+    # Searches the `index` stage's index; judges relevance with a frozen copy of the SFT policy.
+    "rewrite": lambda config, world, spec, workdir: rewrite_task.RewriteTask.from_workdir(
+        config, world, workdir, judge_params=restore_policy(config, workdir)),
+}
 
 
 def restore_policy(config: ml_collections.ConfigDict, workdir: str, stage: str = "sft"):
@@ -48,14 +56,38 @@ def restore_policy(config: ml_collections.ConfigDict, workdir: str, stage: str =
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_update(model_config, grpo_json: str, spec, settings, optim_json: str, num_steps: int):
+def _cached_update(model_config, grpo_json: str, spec, settings, optim_json: str, num_steps: int,
+                   controller_mode: str):
     optim_cfg = ml_collections.ConfigDict(json.loads(optim_json))
     return make_update(model_config, ml_collections.ConfigDict(json.loads(grpo_json)), spec, settings,
-                       state_lib.make_optimizer(optim_cfg, num_steps))
+                       state_lib.make_optimizer(optim_cfg, num_steps), controller_mode)
 
 
-def make_update(model_config, grpo_cfg, spec, settings, optimizer):
-    """Jitted μ-iteration update: returns new params/opt state, dLoss/dφ (mean over iterations), metrics."""
+def make_update(model_config, grpo_cfg, spec, settings, optimizer, controller_mode: str = "fixed"):
+    """Jitted μ-iteration update: returns new params/opt state, the φ-gradient for the controller and metrics.
+
+    The φ-gradient is what the controller descends: for `main_loss`, dLoss/dφ averaged over the μ
+    iterations; for `alignment`, minus the gradient of the cross-fitted cosine between the graph-credit
+    and the outcome-GRPO policy gradients (graph/controller.py), taken at the pre-update policy.
+    """
+    outcome_settings = dataclasses.replace(settings, variant="outcome")
+
+    def surrogate(params, phi, batch, graph, rows: slice, credit_settings):
+        """The μ = 1 policy loss over `rows` (whole groups); its params-gradient is the policy gradient."""
+        credit = credit_lib.compute_credit(graph, phi, batch["node_ids"], batch["completion_mask"],
+                                           spec=spec, settings=credit_settings)
+        logp = decoder.token_log_probs(params, model_config, batch["tokens"][rows], batch["attention_mask"][rows])
+        loss, _ = grpo.policy_loss(logp, None, credit.token_advantages[rows], batch["completion_mask"][rows],
+                                   grpo_cfg, truncated=batch["truncated"][rows])
+        return loss
+
+    def alignment_grad(params, phi, batch, graph):
+        rows = batch["tokens"].shape[0]
+        cut = rows // grpo_cfg.num_generations // 2 * grpo_cfg.num_generations
+        halves = (slice(0, cut), slice(cut, rows))
+        graph_pg = lambda p, h: jax.grad(surrogate)(params, p, batch, graph, h, settings)
+        outcome_pg = lambda h: jax.grad(surrogate)(params, phi, batch, graph, h, outcome_settings)
+        return jax.grad(lambda p: -controller_lib.alignment_objective(p, graph_pg, outcome_pg, halves))(phi)
 
     def loss_fn(params, phi, batch, graph, old_logp, ref_logp):
         credit = credit_lib.compute_credit(graph, phi, batch["node_ids"], batch["completion_mask"],
@@ -85,11 +117,25 @@ def make_update(model_config, grpo_cfg, spec, settings, optimizer):
             metrics["grad_norm"] = optax.global_norm(g_params)
             return (optax.apply_updates(params, updates), opt_state), (g_phi, metrics)
 
+        g_align = alignment_grad(params, phi, batch, graph) if controller_mode == "alignment" else None
         (params, opt_state), (g_phi, metrics) = jax.lax.scan(iteration, (params, opt_state), None,
                                                              length=grpo_cfg.num_iterations)
-        return params, opt_state, g_phi.mean(0), jax.tree_util.tree_map(lambda m: m[0], metrics)
+        g_phi = g_align if controller_mode == "alignment" else g_phi.mean(0)
+        return params, opt_state, g_phi, jax.tree_util.tree_map(lambda m: m[0], metrics)
 
     return update
+
+
+def blame_metrics(spec, settings, graph, phi, batch: rollout.Rollouts, scored: rollout.Scored) -> dict:
+    """Credit diagnostics against gold node values (METHOD.md A2': a diagnostic, not a success metric)."""
+    credit = credit_lib.compute_credit(graph, phi, jnp.asarray(batch.node_ids), jnp.asarray(batch.completion_mask),
+                                       spec=spec, settings=settings)
+    diag = eval_credit.credit_diagnostics(spec, np.asarray(credit.node_credits), scored.node_correct,
+                                          scored.rewards == 1.0, scored.node_values >= 0)
+    return {"credit/blame_precision_at_1": diag.blame_precision_at_1,
+            "credit/blame_precision_tie_expected": diag.blame_precision_tie_expected,
+            "credit/blame_random_baseline": diag.blame_random_baseline,
+            "credit/credit_correctness_corr": diag.credit_correctness_corr}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -102,9 +148,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     settings = credit_lib.credit_settings(config.credit, spec)
     ctrl_settings = controller_lib.controller_settings(config.controller, spec,
                                                        num_iterations=grpo_cfg.num_iterations)
-    if ctrl_settings.mode == "alignment":
-        raise ValueError("config.controller.mode = 'alignment' is not wired into the RL loop yet "
-                         "(graph/controller.py implements its objective); use 'fixed' or 'main_loss'")
+    if ctrl_settings.mode == "alignment" and cfg.prompts_per_step < 2:
+        raise ValueError("config.controller.mode = 'alignment' cross-fits over two halves of the prompts: "
+                         f"config.rl.prompts_per_step = {cfg.prompts_per_step} must be >= 2")
 
     sft_params = restore_policy(config, workdir)
     optimizer = state_lib.make_optimizer(config.rl_optim, cfg.num_steps)
@@ -114,8 +160,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ref_params = jax.tree_util.tree_map(jnp.copy, sft_params) if grpo_cfg.beta > 0 else None
     # Cached on the (hashable) settings, so repeated runs in one process (ablations, tests) compile once.
     update = _cached_update(model_config, grpo_cfg.to_json(sort_keys=True), spec, settings,
-                            config.rl_optim.to_json(sort_keys=True), cfg.num_steps)
-    task = TASKS[config.get("task", "relevance")](config, world, spec)
+                            config.rl_optim.to_json(sort_keys=True), cfg.num_steps, ctrl_settings.mode)
+    task = TASKS[config.get("task", "relevance")](config, world, spec, workdir)
     pieces = rollout.TokenPieces(tokenizer)
     sample_cfg = sampling.SamplingParams(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
     generate = functools.partial(sampling.generate, max_new_tokens=config.data.max_response_len,
@@ -143,6 +189,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         ctrl = state["controller"]
         params, opt_state, g_phi, metrics = update(state["params"], state["opt_state"], ctrl.phi, batch.arrays(),
                                                    graph, ref_params)
+        if scored.node_correct is not None:
+            metrics.update(blame_metrics(spec, settings, graph, ctrl.phi, batch, scored))
         ctrl, ctrl_metrics = controller_lib.controller_update(ctrl, g_phi, ctrl_settings)
         reward_stats = grpo.group_reward_stats(jnp.asarray(scored.rewards), group_size)
         metrics = {**{f"rl/{k}": v for k, v in metrics.items() if not k.startswith("credit/")},
