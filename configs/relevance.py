@@ -24,11 +24,13 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
     config.seed = 0
     # Stages run in order; each reads what earlier ones wrote to the workdir.
     config.stages = ("data", "sft", "rl", "eval", "report")
-    config.model = common.model_config("tiny")
+    # A small model trained from scratch: big enough that CoT-masked SFT reaches ~0.7 test accuracy on the
+    # world (imperfect, so RL has something to fix), small enough for the whole run on a 2-core CPU.
+    config.model = common.model_config("tiny", hidden_size=128, head_dim=32, mlp_dim=384)
     config.mesh = common.mesh_config("single")
 
     config.world = ml_collections.ConfigDict(dict(
-        seed=0, num_queries=600, pairs_per_query=4, products_per_type=16, corrupt_cot_share=0.2))
+        seed=0, num_queries=1500, pairs_per_query=4, products_per_type=16, corrupt_cot_share=0.2))
     config.tokenizer = ml_collections.ConfigDict(dict(vocab_size=1024))
     config.data = ml_collections.ConfigDict(dict(max_prompt_len=48, max_response_len=64))
 
@@ -39,7 +41,7 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
 
     # CoT random masking (METHOD.md A4): label always supervised, p_mask of the reasoning left out.
     config.sft = ml_collections.ConfigDict(dict(
-        num_steps=400, p_mask=0.3, mask_unit="token", label_position="last", log_every=20))
+        num_steps=800, p_mask=0.3, mask_unit="token", label_position="last", log_every=20))
 
     # Graph-GRPO (METHOD.md A2, A3, C).
     config.graph = spec.default_graph_config()
@@ -49,7 +51,7 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
     config.grpo.num_generations = 8
     config.grpo.max_completion_length = config.data.max_response_len
     config.rl = ml_collections.ConfigDict(dict(
-        num_steps=30, prompts_per_step=8, temperature=1.0, top_k=0, top_p=1.0, r_format=-1.0, log_every=1))
+        num_steps=80, prompts_per_step=8, temperature=1.0, top_k=0, top_p=1.0, r_format=-1.0, log_every=1))
     config.rl_optim = ml_collections.ConfigDict(dict(
         learning_rate=3e-4, warmup_steps=0, schedule="constant", grad_clip=1.0, weight_decay=0.0))
 
@@ -60,6 +62,7 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
     config.lm_smoke = ml_collections.ConfigDict(dict(num_steps=60, seq_len=32, vocab_size=64, log_every=5))
 
     if variant == "micro":
+        config.model.update(hidden_size=64, head_dim=16, mlp_dim=128)
         config.world.update(num_queries=80, pairs_per_query=2)
         config.sft.update(num_steps=6, log_every=2)
         config.rl.update(num_steps=2, prompts_per_step=2)
