@@ -41,25 +41,17 @@ import jraph
 import ml_collections
 import numpy as np
 
-WILDCARD = "*"
+from graphgrpo_jax.data import cot
+
 EDGE_ARROW = "->"
 
-# The relevance template of METHOD.md A1 and its ESCI label rule (the label consumes ms and ma).
-DEFAULT_NODES = ("qs", "qa", "ps", "pa", "ms", "ma", "y")
+# The relevance template of METHOD.md A1 and its ESCI label rule (the label consumes ms and ma), from the
+# one place that defines the template.
+WILDCARD = cot.WILDCARD
+DEFAULT_NODES = cot.NODES
 DEFAULT_EDGES = ("y->ms", "y->ma", "ms->qs", "ms->ps", "ma->qa", "ma->pa")
-DEFAULT_CATEGORICAL = {
-    "ms": ("match", "partial", "complement", "mismatch"),
-    "ma": ("match", "partial", "mismatch"),
-    "y": ("Exact", "Substitute", "Complement", "Irrelevant"),
-}
-DEFAULT_LABEL_RULE = (
-    ("match", "match", "Exact"),
-    ("match", "partial", "Substitute"),
-    ("match", "mismatch", "Substitute"),
-    ("partial", WILDCARD, "Substitute"),
-    ("complement", WILDCARD, "Complement"),
-    ("mismatch", WILDCARD, "Irrelevant"),
-)
+DEFAULT_CATEGORICAL = {node: values for node, values in cot.DEFAULT_ALLOWED.items() if values is not None}
+DEFAULT_LABEL_RULE = cot.DEFAULT_LABEL_RULE
 
 
 def default_graph_config() -> ml_collections.ConfigDict:
