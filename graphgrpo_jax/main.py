@@ -25,6 +25,9 @@ STAGES = {
     "sft": "graphgrpo_jax.train.sft:run",
     "rl": "graphgrpo_jax.train.rl:run",
     "eval": "graphgrpo_jax.train.evaluate:run",
+    "index": "graphgrpo_jax.train.rewrite:build_index",
+    "rewrite_sft": "graphgrpo_jax.train.rewrite:run_sft",
+    "rewrite_eval": "graphgrpo_jax.train.rewrite:run_eval",
     "report": "graphgrpo_jax.eval.report:run",
     "lm_smoke": "graphgrpo_jax.train.smoke:run",
 }
@@ -32,7 +35,6 @@ STAGES = {
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:variant]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports.")
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -67,4 +69,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "workdir"])  # here, so scripts importing run() need no flags
     app.run(main)

@@ -10,10 +10,12 @@ corrupted after the fact, a partial copy), so a run always resumes from the newe
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -25,6 +27,15 @@ class Restored:
     step: int
     state: Any
     meta: dict
+
+
+def _is_empty(x: Any) -> bool:
+    return x is not None and math.prod(x.shape) == 0
+
+
+def _without_empty(tree: Any) -> Any:
+    """Zero-size arrays (e.g. the φ of a graph without edges) as None: orbax refuses them, they hold no data."""
+    return jax.tree_util.tree_map(lambda x: None if _is_empty(x) else x, tree)
 
 
 class Checkpointer:
@@ -51,7 +62,7 @@ class Checkpointer:
             return False
         return self._manager.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(_without_empty(state)),
                                     meta=ocp.args.JsonSave(dict(meta or {}, step=step))),
             force=True,
         )
@@ -71,14 +82,17 @@ class Checkpointer:
         for step in reversed(self.all_steps()):
             try:
                 out = self._manager.restore(
-                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_without_empty(abstract)),
                                                   meta=ocp.args.JsonRestore()))
             except Exception as err:  # noqa: BLE001 - any unreadable step falls back to the previous one
                 logging.warning("checkpoint step %d in %s is unreadable (%s: %s); trying an older one",
                                 step, self.directory, type(err).__name__, err)
                 self._set_aside(step)
                 continue
-            return Restored(step=step, state=out["state"], meta=dict(out["meta"]))
+            state = jax.tree_util.tree_map(
+                lambda a, x: jnp.zeros(a.shape, a.dtype) if _is_empty(a) else x, abstract, out["state"],
+                is_leaf=lambda x: x is None)
+            return Restored(step=step, state=state, meta=dict(out["meta"]))
         return None
 
     def _set_aside(self, step: int) -> None:

@@ -36,4 +36,6 @@ def make_optimizer(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Grad
 
 
 def create_state(params: Any, optimizer: optax.GradientTransformation, rng: jax.Array) -> dict:
-    return {"params": params, "opt_state": optimizer.init(params), "rng": rng}
+    """The state, committed to the default device: uncommitted leaves (e.g. optax's step counters) would
+    make the first jitted step compile once more when its outputs come back committed."""
+    return jax.device_put({"params": params, "opt_state": optimizer.init(params), "rng": rng}, jax.devices()[0])

@@ -1,0 +1,109 @@
+r"""Query-rewriting experiments (paper B): world → tokenizer → search index → multi-task SFT →
+fused-reward GRPO → eval.
+
+Run:
+  python -m graphgrpo_jax.main --config=configs/rewrite.py:cpu --workdir=runs/rewrite_cpu
+
+Variants:
+  cpu      (default) tiny model trained from scratch on the synthetic world; about 6 minutes on 2 busy CPU cores.
+  micro    the same pipeline shrunk to seconds per stage (tests).
+  gpu      Qwen2.5-0.5B from its Hugging Face checkpoint, bf16, one GPU host (data-parallel mesh):
+             python -m graphgrpo_jax.main --config=configs/rewrite.py:gpu --workdir=runs/rewrite_gpu \
+               --config.model.hf_checkpoint=/path/to/Qwen2.5-0.5B
+  tpu_pod  Qwen2.5-1.5B from its checkpoint, bf16, FSDP + tensor parallel over a pod slice; run the same
+           command on every host:
+             python -m graphgrpo_jax.main --config=configs/rewrite.py:tpu_pod --workdir=gs://bucket/rewrite \
+               --config.model.hf_checkpoint=/path/to/Qwen2.5-1.5B
+
+Ablations are overrides:
+  single-task SFT          --config.rewrite_sft.task_mix.tag=0
+  reward variants          --config.rewrite.fusion=rfusion|product|min|rel|conv|rule
+  fusion weights           --config.rewrite.w_rel=0.7 --config.rewrite.w_conv=0.3
+  NDCG instead of recall   --config.rewrite.conv_metric=ndcg
+"""
+
+import ml_collections
+
+from configs import common
+from graphgrpo_jax.graph import controller, credit
+from graphgrpo_jax.rl import grpo, rewrite_task
+
+
+def one_node_graph() -> ml_collections.ConfigDict:
+    """A rewrite has no chain of thought: one node, the rewrite itself, credited with the outcome."""
+    return ml_collections.ConfigDict(dict(
+        nodes=("rewrite",), root="rewrite", edges=(), phi_init={}, categorical={}, rule_inputs=(),
+        label_rule=()))
+
+
+def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.variant = variant
+    config.seed = 0
+    config.task = "rewrite"
+    # Stages run in order; each reads what earlier ones wrote to the workdir.
+    config.stages = ("data", "index", "rewrite_sft", "rl", "rewrite_eval")
+    config.model = common.model_config("tiny")
+    config.mesh = common.mesh_config("single")
+
+    # 2000 queries: with fewer, the tiny model does not learn the synonym map well enough to beat the raw
+    # query's recall on held-out intents (600 queries: test accuracy 0.06, recall@10 0.46 vs 0.62 raw).
+    config.world = ml_collections.ConfigDict(dict(seed=0, num_queries=2000, pairs_per_query=4, products_per_type=16))
+    config.tokenizer = ml_collections.ConfigDict(dict(vocab_size=1024))
+    # Tokens on the cpu world: tag prompts (a query and a rewrite) up to 32 (37 on ood), gold rewrites 10.
+    config.data = ml_collections.ConfigDict(dict(max_prompt_len=40, max_response_len=16))
+
+    config.optim = ml_collections.ConfigDict(dict(
+        learning_rate=3e-3, warmup_steps=20, schedule="cosine", grad_clip=1.0, weight_decay=0.0,
+        batch_size=32))
+    config.checkpoint = ml_collections.ConfigDict(dict(save_every=100, max_to_keep=2))
+
+    # Stage 1: multi-task SFT, rewrite generation and query-rewrite tagging mixed per batch.
+    config.rewrite_sft = ml_collections.ConfigDict(dict(
+        num_steps=1200, task_mix=dict(rewrite=1.0, tag=1.0), log_every=50))
+
+    # Stage 2: GRPO on the fused reward; the shared loop with a one-node graph is plain outcome GRPO.
+    config.graph = one_node_graph()
+    config.credit = credit.default_credit_config()
+    config.credit.variant = "outcome"
+    config.controller = controller.default_controller_config()
+    config.grpo = grpo.default_grpo_config()
+    config.grpo.num_generations = 8
+    config.grpo.max_completion_length = config.data.max_response_len
+    config.rl = ml_collections.ConfigDict(dict(
+        num_steps=60, prompts_per_step=8, temperature=1.0, top_k=0, top_p=1.0, log_every=1))
+    config.rl_optim = ml_collections.ConfigDict(dict(
+        learning_rate=3e-4, warmup_steps=0, schedule="constant", grad_clip=1.0, weight_decay=0.0))
+    config.rewrite = rewrite_task.default_rewrite_config()
+
+    config.rewrite_eval = ml_collections.ConfigDict(dict(
+        policies=("sft", "rl"), splits=("test", "ood"), k=10, max_examples=256, batch_size=64))
+
+    if variant == "micro":
+        config.world.update(num_queries=80, pairs_per_query=2)
+        config.rewrite_sft.update(num_steps=6, log_every=2)
+        config.rl.update(num_steps=2, prompts_per_step=2)
+        config.grpo.num_generations = 4
+        config.optim.batch_size = 8
+        config.rewrite.judge_batch_size = 8
+        config.rewrite_eval.update(max_examples=8, batch_size=8)
+        config.checkpoint.save_every = 2
+    elif variant in ("gpu", "tpu_pod"):
+        # Real checkpoints: the model shape is the checkpoint's; its weights and tokenizer come from
+        # `model.hf_checkpoint` (a folder with config.json, *.safetensors and tokenizer.json).
+        preset = {"gpu": "qwen2.5-0.5b", "tpu_pod": "qwen2.5-1.5b"}[variant]
+        config.model = common.model_config(preset, hf_checkpoint="")
+        config.mesh = common.mesh_config({"gpu": "data", "tpu_pod": "fsdp_tensor"}[variant])
+        config.world.num_queries = 5000
+        config.data.update(max_prompt_len=96, max_response_len=32)
+        config.optim.update(learning_rate=1e-5, warmup_steps=50, batch_size=64 if variant == "gpu" else 256)
+        config.rewrite_sft.update(num_steps=2000, log_every=50)
+        config.grpo.num_generations = 16
+        config.rl.update(num_steps=500, prompts_per_step=16 if variant == "gpu" else 64)
+        config.rl_optim.learning_rate = 1e-6
+        config.rewrite.judge_batch_size = 128
+        config.rewrite_eval.update(max_examples=1000, batch_size=128)
+        config.checkpoint.update(save_every=200, max_to_keep=3)
+    elif variant != "cpu":
+        raise ValueError(f"unknown variant {variant!r} of configs/rewrite.py; choose cpu, micro, gpu or tpu_pod")
+    return config

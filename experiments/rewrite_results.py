@@ -1,0 +1,83 @@
+r"""Query rewriting (paper B): raw query vs single-task SFT vs multi-task SFT vs GRPO per reward variant.
+
+  python experiments/rewrite_results.py --base=runs/rewrite_results              # cpu config, 3 seeds
+  python experiments/rewrite_results.py --base=runs/rr --seeds=0 --fusions=rfusion,conv
+
+Per seed: one single-task SFT (rewrite generation only) and one multi-task SFT (generation + tagging,
+1:1); each GRPO variant starts from that seed's multi-task SFT policy. The seed changes the model's
+initialisation, the batches and the sampling; the world (catalogue, queries) stays the same. Prints
+accuracy, recall@k and relevance@k on the chosen split as mean ± std over seeds (the gold rewrite is the
+ceiling of accuracy). Finished runs are reused, so an interrupted sweep resumes.
+"""
+
+import json
+import os
+import shutil
+
+import numpy as np
+from absl import app, flags
+
+from configs import rewrite as rewrite_configs
+from graphgrpo_jax import main as pipeline
+from graphgrpo_jax.rl import rewards
+
+_BASE = flags.DEFINE_string("base", "runs/rewrite_results", "Folder for every run of the sweep.")
+_VARIANT = flags.DEFINE_string("variant", "cpu", "Variant of configs/rewrite.py.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds.")
+_FUSIONS = flags.DEFINE_list("fusions", list(rewards.FUSION_MODES), "GRPO reward variants.")
+_SPLIT = flags.DEFINE_string("split", "test", "Held-out split of the table (test or ood).")
+
+METRICS = ("accuracy", "recall", "relevance")
+
+
+def _run(workdir: str, seed: int, stages: tuple[str, ...], policies: tuple[str, ...], **overrides) -> dict:
+    """Runs `stages` in `workdir` unless an earlier sweep finished them; returns its eval report."""
+    report = os.path.join(workdir, "rewrite_eval", "metrics.json")
+    if not os.path.exists(report):
+        config = rewrite_configs.get_config(_VARIANT.value)
+        config.seed = seed
+        config.stages = stages
+        config.rewrite_eval.policies = policies
+        config.update_from_flattened_dict(overrides)
+        pipeline.run(config, workdir)
+    with open(report) as f:
+        return json.load(f)
+
+
+def sweep_seed(seed: int) -> dict[str, dict]:
+    """{row name: report on the split} for one seed."""
+    base = os.path.join(_BASE.value, f"seed{seed}")
+    split = _SPLIT.value
+    sft_stages = ("data", "index", "rewrite_sft", "rewrite_eval")
+    single = _run(os.path.join(base, "single_task_sft"), seed, sft_stages, ("sft",),
+                  **{"rewrite_sft.task_mix.tag": 0.0})
+    multi_dir = os.path.join(base, "multi_task_sft")
+    multi = _run(multi_dir, seed, sft_stages, ("sft",))
+    rows = {"raw query": multi[f"raw/{split}"], "gold rewrite (ceiling)": multi[f"gold/{split}"],
+            "single-task SFT": single[f"sft/{split}"], "multi-task SFT": multi[f"sft/{split}"]}
+    for fusion in _FUSIONS.value:
+        rl_dir = os.path.join(base, f"grpo_{fusion}")
+        if not os.path.exists(rl_dir):  # start from this seed's multi-task SFT policy
+            shutil.copytree(multi_dir, rl_dir, ignore=shutil.ignore_patterns("rewrite_eval"))
+        rows[f"GRPO, reward {fusion}"] = _run(rl_dir, seed, ("rl", "rewrite_eval"), ("rl",),
+                                              **{"rewrite.fusion": fusion})[f"rl/{split}"]
+    return rows
+
+
+def main(_):
+    per_seed = [sweep_seed(int(seed)) for seed in _SEEDS.value]
+    k = per_seed[0]["raw query"]["k"]
+    print(f"\n{_SPLIT.value} split, {per_seed[0]['raw query']['num_examples']} queries, "
+          f"{len(per_seed)} seed(s), mean ± std over seeds\n")
+    print(f"| | accuracy | recall@{k} | relevance@{k} (0-3) |")
+    print("|---|---|---|---|")
+    for row in per_seed[0]:
+        cells = []
+        for metric in METRICS:
+            values = np.array([reports[row][metric] for reports in per_seed])
+            cells.append(f"{values.mean():.3f} ± {values.std():.3f}" if len(values) > 1 else f"{values[0]:.3f}")
+        print(f"| {row} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,96 @@
+"""Offline metrics of query rewriting (METHOD.md B): accuracy, recall@k and relevance@k.
+
+* accuracy: the share of rewrites that keep the query's intent: `world.read_intent(rewrite)` gives
+  exactly the query's gold (subject, attributes).
+* recall@k: the share of the query's purchased products among the engine's top k for the rewrite,
+  averaged over the queries with a purchase.
+* relevance@k: the mean gold relevance grade to the *original* query of the k slots the engine fills for
+  the rewrite, Exact 3 / Substitute 2 / Complement 1 / Irrelevant 0 by the world's label rule (an empty
+  slot, when the engine finds fewer than k products, counts 0: a rewrite that retrieves nothing is not
+  relevant).
+
+The same metrics of the raw query and of the gold rewrite frame a policy's figures (the gold rewrite is
+the ceiling of accuracy by construction, though not of recall or relevance: BM25 ranks by words).
+Rewrites come from greedy decoding (`generate_rewrites`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from graphgrpo_jax import sampling
+from graphgrpo_jax.data import batching, cot, world as world_lib
+from graphgrpo_jax.models import decoder
+from graphgrpo_jax.rl import rollout
+from graphgrpo_jax.search.engine import Retriever, recall_at_k
+
+# Gold relevance grade of each ESCI label (NDCG-style gains).
+RELEVANCE_GRADES: dict[str, int] = {"Exact": 3, "Substitute": 2, "Complement": 1, "Irrelevant": 0}
+
+
+def relevance_grade(world: world_lib.World, subject: str, attributes: Mapping[str, str],
+                    product: world_lib.Product) -> int:
+    """The grade of `product` for the intent (subject, attributes), by the world's label rule."""
+    ms = world_lib.subject_match(world.types, subject, product.product_type)
+    ma = world_lib.attribute_match(attributes, product.attributes)
+    return RELEVANCE_GRADES[cot.apply_label_rule(cot.DEFAULT_LABEL_RULE, ms, ma)]
+
+
+def keeps_intent(world: world_lib.World, query: world_lib.Query, rewrite: str) -> bool:
+    return world.read_intent(rewrite) == (query.subject, dict(query.attributes))
+
+
+def rewrite_metrics(world: world_lib.World, engine: Retriever, queries: Sequence[world_lib.Query],
+                    rewrites: Sequence[str], k: int) -> dict[str, Any]:
+    """accuracy, recall@k and relevance@k of `rewrites[i]` standing in for `queries[i]` (module docstring)."""
+    if len(queries) != len(rewrites):
+        raise ValueError(f"{len(queries)} queries but {len(rewrites)} rewrites")
+    if not queries:
+        raise ValueError("no queries to evaluate")
+    hits = engine.search_batch(list(rewrites), k)
+    recalls, relevances = [], []
+    for query, query_hits in zip(queries, hits):
+        retrieved = [product_id for product_id, _ in query_hits]
+        recall = recall_at_k(retrieved, query.purchased_product_ids, k)
+        if recall is not None:
+            recalls.append(recall)
+        grades = [relevance_grade(world, query.subject, query.attributes, world.product_by_id[product_id])
+                  for product_id in retrieved[:k]]
+        relevances.append(sum(grades) / k)
+    return {
+        "num_examples": len(queries),
+        "k": k,
+        "accuracy": float(np.mean([keeps_intent(world, q, r) for q, r in zip(queries, rewrites)])),
+        "recall": float(np.mean(recalls)) if recalls else float("nan"),
+        "relevance": float(np.mean(relevances)),
+        "examples": [{"query": q.text, "rewrite": r, "gold_rewrite": q.gold_rewrite}
+                     for q, r in list(zip(queries, rewrites))[:5]],
+    }
+
+
+def generate_rewrites(params: decoder.Params, model_config: decoder.DecoderConfig, tokenizer: Any,
+                      queries: Sequence[str], *, max_prompt_len: int, max_new_tokens: int,
+                      batch_size: int) -> list[str]:
+    """The policy's greedy rewrite of each query (the text before EOS; a truncated one as it stands).
+
+    Queries run in chunks of `batch_size`, the last one padded, so the sampler compiles once.
+    """
+    pieces = rollout.TokenPieces(tokenizer)
+    prompts = [cot.rewrite_prompt(query) for query in queries]
+    rewrites: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
+        encoded = batching.encode_prompts(tokenizer, padded, max_prompt_len, truncate_prompts=True)
+        out = jax.device_get(sampling.generate(
+            params, model_config, jnp.asarray(encoded["tokens"]), jnp.asarray(encoded["attention_mask"], bool),
+            jax.random.PRNGKey(0), max_new_tokens=max_new_tokens, eos_ids=tokenizer.eos_token_id,
+            pad_id=tokenizer.pad_token_id, sampling=sampling.GREEDY))
+        texts, _ = rollout.decode_completions(pieces, out.tokens, out.lengths, out.truncated)
+        rewrites += texts[:len(chunk)]
+    return rewrites

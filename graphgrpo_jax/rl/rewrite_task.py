@@ -1,0 +1,191 @@
+"""Rollouts for query rewriting (METHOD.md B): prompts → G rewrites → fused reward, outcome credit.
+
+A rewrite has no chain of thought, so the task plugs into the shared RL loop as a one-node graph whose
+root is the rewrite itself: every completion token gets the rollout's group-relative advantage (plain
+GRPO, `credit.variant = "outcome"`). The reward fuses three signals (`rewards.rewrite_reward_components`):
+
+* `r_rule`: the rewrite is well formed, not a copy, within length bounds, not repetitive;
+* `r_conv`: search-engine feedback, recall@k (or NDCG@k) of the query's purchases among the products
+  the engine retrieves for the rewrite;
+* `r_rel`: a relevance judge, here the policy's own tagging task (`cot.tag_prompt`) on a frozen copy of
+  the SFT model (`TagJudge`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from graphgrpo_jax.data import batching, cot, prepare
+from graphgrpo_jax.models import decoder
+from graphgrpo_jax.rl import rewards as rewards_lib
+from graphgrpo_jax.rl.rollout import Scored
+from graphgrpo_jax.search.engine import Retriever, SearchEngine
+
+
+def index_dir(workdir: str) -> str:
+    """Where the `index` stage puts the search index of the catalogue."""
+    return os.path.join(workdir, "index")
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def tag_log_probs(params: decoder.Params, model_config: decoder.DecoderConfig, prompt_tokens: jax.Array,
+                  prompt_mask: jax.Array, tag_tokens: jax.Array, tag_mask: jax.Array) -> jax.Array:
+    """`[B, K]` log p(tag k, then EOS | prompt b) by forced decoding.
+
+    `prompt_tokens` / `prompt_mask` are `[B, P]`, left-padded; `tag_tokens` / `tag_mask` are `[K, C]`,
+    each tag's tokens and EOS, right-padded. Every (prompt, tag) row is scored in one forward pass.
+    """
+    num_prompts, prompt_len = prompt_tokens.shape
+    num_tags = tag_tokens.shape[0]
+    tokens = jnp.concatenate([jnp.repeat(prompt_tokens, num_tags, axis=0),
+                              jnp.tile(tag_tokens, (num_prompts, 1))], axis=1)
+    mask = jnp.concatenate([jnp.repeat(prompt_mask, num_tags, axis=0),
+                            jnp.tile(tag_mask, (num_prompts, 1))], axis=1)
+    # Zero on padding already: the sum runs over each tag's own tokens only.
+    logp = decoder.token_log_probs(params, model_config, tokens, mask)[:, prompt_len:]
+    return logp.sum(axis=1).reshape(num_prompts, num_tags)
+
+
+class TagJudge:
+    """`judge(queries, rewrites) -> [M, 3]`: the model's distribution over `cot.REWRITE_TAGS`.
+
+    Each tag is scored as the whole response `tag<eos>` after `cot.tag_prompt(query, rewrite)` and the
+    scores are normalised over the tags, so the probabilities are those of the complete answers the
+    tagging task was trained to give. The params are copied, so the judge stays frozen while the policy
+    it came from trains (the RL loop donates the policy's buffers). Pairs run in fixed-size chunks, so
+    `tag_log_probs` compiles once.
+    """
+
+    def __init__(self, params: decoder.Params, model_config: decoder.DecoderConfig, tokenizer: Any, *,
+                 max_prompt_len: int, batch_size: int, tags: Sequence[str] = cot.REWRITE_TAGS):
+        if batch_size < 1:
+            raise ValueError(f"judge batch_size must be >= 1, got {batch_size}")
+        self.params = jax.tree_util.tree_map(jnp.copy, params)
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        self.max_prompt_len = max_prompt_len
+        self.batch_size = batch_size
+        eos = tokenizer.eos_token_id
+        responses = [tokenizer(tag, add_special_tokens=False)["input_ids"] + [eos] for tag in tags]
+        width = max(len(ids) for ids in responses)
+        self.tag_tokens = np.full((len(tags), width), tokenizer.pad_token_id, np.int32)
+        self.tag_mask = np.zeros((len(tags), width), bool)
+        for k, ids in enumerate(responses):
+            self.tag_tokens[k, :len(ids)] = ids
+            self.tag_mask[k, :len(ids)] = True
+
+    def log_probs(self, queries: Sequence[str], rewrites: Sequence[str]) -> np.ndarray:
+        """`[M, K]` log p(tag<eos> | tag prompt), unnormalised over tags."""
+        if len(queries) != len(rewrites):
+            raise ValueError(f"{len(queries)} queries but {len(rewrites)} rewrites")
+        prompts = [cot.tag_prompt(query, rewrite) for query, rewrite in zip(queries, rewrites)]
+        scores = []
+        for start in range(0, len(prompts), self.batch_size):
+            chunk = prompts[start:start + self.batch_size]
+            padded = chunk + [chunk[-1]] * (self.batch_size - len(chunk))
+            encoded = batching.encode_prompts(self.tokenizer, padded, self.max_prompt_len, truncate_prompts=True)
+            scores.append(np.asarray(tag_log_probs(
+                self.params, self.model_config, jnp.asarray(encoded["tokens"]),
+                jnp.asarray(encoded["attention_mask"], bool), jnp.asarray(self.tag_tokens),
+                jnp.asarray(self.tag_mask)))[:len(chunk)])
+        return np.concatenate(scores) if scores else np.zeros((0, len(self.tag_tokens)), np.float32)
+
+    def __call__(self, queries: Sequence[str], rewrites: Sequence[str]) -> np.ndarray:
+        scores = self.log_probs(queries, rewrites).astype(np.float64)
+        scores -= scores.max(axis=1, keepdims=True)
+        return np.exp(scores) / np.exp(scores).sum(axis=1, keepdims=True)
+
+
+def default_rewrite_config() -> ml_collections.ConfigDict:
+    """Reward options of the rewrite task (`config.rewrite`)."""
+    return ml_collections.ConfigDict(dict(
+        fusion="rfusion",  # rfusion | product | min | rel | conv | rule (rewards.FUSION_MODES)
+        w_rel=0.5,
+        w_conv=0.5,
+        k=10,  # r_conv's cut-off
+        conv_metric="recall",  # recall | ndcg
+        rule=dict(min_words=rewards_lib.DEFAULT_MIN_WORDS, max_words=rewards_lib.DEFAULT_MAX_WORDS,
+                  max_chars=rewards_lib.DEFAULT_MAX_CHARS, max_word_repeats=rewards_lib.DEFAULT_MAX_WORD_REPEATS),
+        judge_batch_size=32,  # (query, rewrite) pairs per judge call; each pair is 3 rows
+    ))
+
+
+class RewriteTask:
+    """Rewrite the training queries; reward = the configured fusion of r_rule, r_rel and r_conv.
+
+    Rewards that do not apply (NaN, e.g. `r_conv` of a query nobody bought from, under a fusion that
+    reads nothing else) become 0: every rollout of a group shares its query, so the whole group gets
+    no advantage.
+    """
+
+    name = "rewrite"
+
+    def __init__(self, config: ml_collections.ConfigDict, world, *, engine: Retriever,
+                 judge: rewards_lib.Judge | None):
+        self.cfg = config.rewrite
+        if self.cfg.fusion not in rewards_lib.FUSION_MODES:
+            raise ValueError(f"config.rewrite.fusion = {self.cfg.fusion!r}: choose one of "
+                             f"{rewards_lib.FUSION_MODES}")
+        self.world = world
+        self.queries = world.split_queries("train")
+        self.engine = engine
+        self.judge = judge
+
+    @classmethod
+    def from_workdir(cls, config: ml_collections.ConfigDict, world, workdir: str, *,
+                     judge_params: decoder.Params) -> RewriteTask:
+        """The task over the `index` stage's search index, judged with `judge_params` (the SFT policy)
+        when the fusion reads `r_rel`."""
+        judge = None
+        if "rel" in rewards_lib.FUSION_INPUTS[config.rewrite.fusion]:
+            judge = TagJudge(judge_params, decoder.DecoderConfig.from_config(config.model),
+                             prepare.load_tokenizer(config, workdir),
+                             max_prompt_len=config.data.max_prompt_len + config.data.max_response_len,
+                             batch_size=config.rewrite.judge_batch_size)
+        return cls(config, world, engine=SearchEngine.open(index_dir(workdir)), judge=judge)
+
+    def prompts(self) -> list[str]:
+        return [cot.rewrite_prompt(query.text) for query in self.queries]
+
+    def contexts(self, rows: np.ndarray) -> list[dict[str, Any]]:
+        """What the rewards read of each rollout's query."""
+        return [{"query": self.queries[r].text, "purchased_product_ids": self.queries[r].purchased_product_ids}
+                for r in rows]
+
+    def score(self, rows: np.ndarray, texts: list[str], offsets: list[np.ndarray]) -> Scored:
+        cfg = self.cfg
+        contexts = self.contexts(rows)
+        parts = rewards_lib.rewrite_reward_components(
+            texts, contexts, mode=cfg.fusion, engine=self.engine, judge=self.judge, w_rel=cfg.w_rel,
+            w_conv=cfg.w_conv, k=cfg.k, metric=cfg.conv_metric, **cfg.rule)
+        fused = parts["fused"]
+        rule = parts["r_rule"]
+        if np.isnan(rule).all():  # the fusion does not read r_rule; the logs still do
+            rule = rewards_lib.r_rule(texts, contexts, engine=self.engine, **cfg.rule)
+        intents = [self.world.read_intent(text) for text in texts]
+        kept = [intent == (self.queries[r].subject, self.queries[r].attributes) for intent, r in zip(intents, rows)]
+        metrics = {f"rl/reward_{name}": float(np.nanmean(parts[f"r_{name}"]))
+                   for name in ("rel", "conv") if not np.isnan(parts[f"r_{name}"]).all()}
+        metrics.update({
+            "rl/reward_rule": float(rule.mean()),
+            "rl/rule_failure_rate": float(np.mean(rule == 0.0)),
+            "rl/reward_not_applicable": float(np.mean(np.isnan(fused))),
+            "rl/accuracy": float(np.mean(kept)),
+            "rl/rewrite_words": float(np.mean([len(rewards_lib.rewrite_words(text)) for text in texts])),
+        })
+        return Scored(
+            rewards=np.nan_to_num(fused, nan=0.0).astype(np.float32),
+            node_values=np.full((len(texts), 1), -1, np.int32),
+            node_ids=[np.full(len(o), batching.OUTSIDE_NODE_ID, np.int32) for o in offsets],
+            gold_label=None,
+            format_valid=rule == 1.0,
+            metrics=metrics,
+        )

@@ -1,0 +1,164 @@
+"""Stages of the query-rewriting pipeline (METHOD.md B): `index`, `rewrite_sft` and `rewrite_eval`.
+
+The `rl` stage between them is the shared loop of `train/rl.py` with `config.task = "rewrite"`
+(`rl/rewrite_task.py`).
+
+* `index`: a BM25 index of the catalogue's titles in `<workdir>/index`, built once and reused.
+* `rewrite_sft`: multi-task SFT, stage 1 of the paper. Two tasks share the model: rewrite generation
+  (`query: … rewrite:` → the gold rewrite) and query-rewrite relevance tagging (`query: … rewrite: …
+  tag:` → relevant | partial | irrelevant). Each batch mixes them by `config.rewrite_sft.task_mix`
+  (1:1 by default; a zero weight gives single-task SFT). Rewrites have no CoT nodes, so nothing is
+  masked. The policy is saved as stage `sft`, where the `rl` stage and its judge look for it.
+* `rewrite_eval`: accuracy, recall@k and relevance@k (`eval/rewrite.py`) of each policy's greedy
+  rewrites on held-out splits, next to the raw query and the gold rewrite, in
+  `<workdir>/rewrite_eval/metrics.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from graphgrpo_jax.data import batching, cot, prepare, world as world_lib
+from graphgrpo_jax.eval import rewrite as rewrite_eval
+from graphgrpo_jax.models import decoder, hf
+from graphgrpo_jax.rl.rewrite_task import index_dir
+from graphgrpo_jax.search.engine import MANIFEST, SearchEngine
+from graphgrpo_jax.train import loop, rl, sft, state as state_lib
+
+SFT_TASKS = ("rewrite", "tag")
+_BATCH_KEYS = ("tokens", "attention_mask", "loss_mask", "node_ids")
+
+
+# ------------------------------------------------------------------------------------------- index
+
+
+def build_index(config: ml_collections.ConfigDict, workdir: str) -> SearchEngine:
+    """The `index` stage: the catalogue's search index, reused when an earlier run built it."""
+    world = prepare.load_world(config)
+    directory = index_dir(workdir)
+    if os.path.exists(os.path.join(directory, MANIFEST)):
+        engine = SearchEngine.open(directory)
+        if len(engine) != len(world.products):
+            raise ValueError(f"{directory} indexes {len(engine)} products but the world of this config has "
+                             f"{len(world.products)}: use a fresh workdir for a different world")
+        return engine
+    engine = SearchEngine.build([{"id": p.product_id, "title": p.title} for p in world.products], directory)
+    logging.info("indexed %d products in %s", len(engine), directory)
+    return engine
+
+
+# --------------------------------------------------------------------------------------------- SFT
+
+
+def sft_examples(world: world_lib.World, split: str) -> dict[str, tuple[list[str], list[str]]]:
+    """(prompts, responses) of each SFT task on a split's queries and rewrite tags."""
+    queries = world.split_queries(split)
+    tags = world.split_rewrite_tags(split)
+    return {
+        "rewrite": ([cot.rewrite_prompt(q.text) for q in queries], [q.gold_rewrite for q in queries]),
+        "tag": ([cot.tag_prompt(t.query, t.rewrite) for t in tags], [t.tag for t in tags]),
+    }
+
+
+def task_counts(task_mix: ml_collections.ConfigDict | dict, batch_size: int) -> dict[str, int]:
+    """Rows of each SFT task per batch: `batch_size` split by the mix weights (largest remainder,
+    ties to the earlier task), so every batch has the same composition."""
+    unknown = sorted(set(task_mix) - set(SFT_TASKS))
+    if unknown:
+        raise ValueError(f"config.rewrite_sft.task_mix names unknown tasks {unknown}; tasks are {SFT_TASKS}")
+    weights = np.array([float(task_mix.get(task, 0.0)) for task in SFT_TASKS])
+    if (weights < 0).any() or weights.sum() <= 0:
+        raise ValueError(f"config.rewrite_sft.task_mix = {dict(task_mix)}: weights must be >= 0 with a positive sum")
+    raw = weights / weights.sum() * batch_size
+    counts = np.floor(raw).astype(int)
+    for i in sorted(range(len(SFT_TASKS)), key=lambda i: (counts[i] - raw[i], i))[:batch_size - counts.sum()]:
+        counts[i] += 1
+    return dict(zip(SFT_TASKS, counts.tolist()))
+
+
+def initial_state(config: ml_collections.ConfigDict, model_config: decoder.DecoderConfig, num_steps: int):
+    """A fresh SFT state and its optimizer: params from `config.model.hf_checkpoint` when it names a
+    Hugging Face checkpoint folder, else from the seed."""
+    state, optimizer = sft.init_state(config, model_config, num_steps)
+    checkpoint = config.model.get("hf_checkpoint")
+    if checkpoint:
+        params = jax.device_put(hf.load_params(checkpoint, model_config))
+        state = state_lib.create_state(params, optimizer, state["rng"])
+    return state, optimizer
+
+
+def run_sft(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """The `rewrite_sft` stage: multi-task SFT, saved as stage `sft` (the policy the RL stage starts from)."""
+    cfg = config.rewrite_sft
+    world, tokenizer = prepare.load_world(config), prepare.load_tokenizer(config, workdir)
+    model_config = decoder.DecoderConfig.from_config(config.model)
+    counts = task_counts(cfg.task_mix, config.optim.batch_size)
+    examples = sft_examples(world, "train")
+    data = {task: batching.encode_sft(tokenizer, *examples[task], config.data.max_prompt_len,
+                                      config.data.max_response_len, nodes=())
+            for task in SFT_TASKS if counts[task]}
+    for task, arrays in data.items():
+        if not len(arrays["tokens"]):
+            raise ValueError(f"config.rewrite_sft.task_mix gives task {task!r} weight but the world has "
+                             f"no {task} examples in its train split")
+    logging.info("rewrite SFT: %s rows per batch from %s examples", counts,
+                 {task: len(arrays["tokens"]) for task, arrays in data.items()})
+    state, optimizer = initial_state(config, model_config, cfg.num_steps)
+    # No CoT nodes in these responses (node ids all -1) and no masking: every response token is trained.
+    step_fn = jax.jit(sft.make_train_step(model_config, optimizer, label_node=0, num_nodes=1, p_mask=0.0,
+                                          mask_unit="token"), donate_argnums=0)
+
+    def batch_fn(step: int) -> dict:
+        rng = np.random.default_rng([config.seed, 1, step])
+        parts = []
+        for task, arrays in data.items():
+            size = len(arrays["tokens"])
+            rows = rng.choice(size, counts[task], replace=counts[task] > size)
+            parts.append({k: arrays[k][rows] for k in _BATCH_KEYS})
+        return {k: np.concatenate([part[k] for part in parts]).astype(bool if k.endswith("mask") else np.int32)
+                for k in _BATCH_KEYS}
+
+    return loop.fit(state, step_fn, batch_fn, num_steps=cfg.num_steps, workdir=workdir, stage="sft",
+                    save_every=config.checkpoint.save_every, max_to_keep=config.checkpoint.max_to_keep,
+                    log_every=cfg.log_every, progress_keys=("sft/loss",))
+
+
+# -------------------------------------------------------------------------------------------- eval
+
+
+def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """The `rewrite_eval` stage: `{"<policy>/<split>": metrics}` for the raw query, the gold rewrite
+    and each policy of `config.rewrite_eval.policies`, written to `<workdir>/rewrite_eval/metrics.json`."""
+    cfg = config.rewrite_eval
+    world, tokenizer = prepare.load_world(config), prepare.load_tokenizer(config, workdir)
+    engine = SearchEngine.open(index_dir(workdir))
+    model_config = decoder.DecoderConfig.from_config(config.model)
+    queries = {split: world.split_queries(split)[:cfg.max_examples] for split in cfg.splits}
+    results = {}
+    for split, split_queries in queries.items():
+        results[f"raw/{split}"] = rewrite_eval.rewrite_metrics(world, engine, split_queries,
+                                                               [q.text for q in split_queries], cfg.k)
+        results[f"gold/{split}"] = rewrite_eval.rewrite_metrics(world, engine, split_queries,
+                                                                [q.gold_rewrite for q in split_queries], cfg.k)
+    for stage in cfg.policies:
+        params = rl.restore_policy(config, workdir, stage)
+        for split, split_queries in queries.items():
+            rewrites = rewrite_eval.generate_rewrites(
+                params, model_config, tokenizer, [q.text for q in split_queries],
+                max_prompt_len=config.data.max_prompt_len, max_new_tokens=config.data.max_response_len,
+                batch_size=cfg.batch_size)
+            results[f"{stage}/{split}"] = rewrite_eval.rewrite_metrics(world, engine, split_queries, rewrites, cfg.k)
+    for name, report in results.items():
+        logging.info("%s: accuracy %.3f, recall@%d %.3f, relevance@%d %.3f", name, report["accuracy"],
+                     cfg.k, report["recall"], cfg.k, report["relevance"])
+    out_dir = os.path.join(workdir, "rewrite_eval")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    return results

@@ -1,0 +1,296 @@
+"""Query rewriting: reward wiring of the RL task, the tagging judge, the offline metrics against
+hand-computed values on the micro world, multi-task SFT batches, and the pipeline end to end
+(data → index → multi-task SFT → fused-reward GRPO → eval) on the micro config."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import rewrite as rewrite_configs
+from graphgrpo_jax import main
+from graphgrpo_jax.data import cot, prepare
+from graphgrpo_jax.eval import rewrite as rewrite_eval
+from graphgrpo_jax.models import decoder
+from graphgrpo_jax.rl import rewrite_task
+from graphgrpo_jax.search.engine import MANIFEST
+from graphgrpo_jax.train import checkpointing, loop, metrics, rl, rewrite
+
+
+@pytest.fixture(scope="module")
+def config():
+    return rewrite_configs.get_config("micro")
+
+
+@pytest.fixture(scope="module")
+def world(config):
+    return prepare.load_world(config)
+
+
+class FakeEngine:
+    """A retriever with hand-made result lists (nothing for any other query)."""
+
+    def __init__(self, hits: dict[str, list[str]]):
+        self.hits = hits
+
+    def search_batch(self, queries, k):
+        return [[(pid, 1.0) for pid in self.hits.get(query, [])[:k]] for query in queries]
+
+
+def _query_with(world, predicate):
+    return next(q for q in world.split_queries("train") if predicate(q))
+
+
+# ------------------------------------------------------------------------------------ reward wiring
+
+
+@pytest.fixture(scope="module")
+def wiring_case(world):
+    """A training query with attributes and two purchases, four rewrites of it, hits and judge answers."""
+    query = _query_with(world, lambda q: q.attributes and len(q.purchased_product_ids) == 2
+                        and q.text.replace(" ", "").isalnum())
+    bought = list(query.purchased_product_ids)
+    word = query.subject.split()[-1]
+    rewrites = [query.gold_rewrite, query.subject, query.text, f"{word} {word} {word}"]
+    hits = {rewrites[0]: [bought[0], "p99999", bought[1]], rewrites[1]: [bought[1]], rewrites[2]: [bought[0]]}
+    tag_probs = {rewrites[0]: [1.0, 0.0, 0.0], rewrites[1]: [0.2, 0.6, 0.2], rewrites[2]: [0.0, 0.0, 1.0],
+                 rewrites[3]: [0.0, 1.0, 0.0]}
+
+    def judge(queries, texts):
+        assert set(queries) == {query.text}
+        return np.array([tag_probs[text] for text in texts])
+
+    return query, rewrites, FakeEngine(hits), judge
+
+
+def _score(world, case, fusion="rfusion", queries=None):
+    query, rewrites, engine, judge = case
+    task_config = rewrite_configs.get_config("micro")
+    task_config.rewrite.fusion = fusion
+    task = rewrite_task.RewriteTask(task_config, world, engine=engine, judge=judge)
+    if queries is not None:
+        task.queries = queries
+    row = [q.query_id for q in task.queries].index(query.query_id)
+    offsets = [np.zeros((n, 2), np.int64) for n in (3, 5, 1, 7)]
+    return task, task.score(np.full(4, row), rewrites, offsets)
+
+
+def test_fused_reward_and_logs_hand_computed(world, wiring_case):
+    query, rewrites, _, _ = wiring_case
+    task, scored = _score(world, wiring_case)
+    assert task.prompts()[0] == f"query: {world.split_queries('train')[0].text} rewrite:"
+    # r_rule: gold and subject-only pass; the copy and the triple word fail.
+    # r_rel: 1, 0.2 + 0.5 * 0.6, 0, 0.5;  r_conv (recall@10 of 2 purchases): 1, 0.5, 0.5, 0.
+    r_rel, r_conv, r_rule = np.array([1.0, 0.5, 0.0, 0.5]), np.array([1.0, 0.5, 0.5, 0.0]), np.array([1, 1, 0, 0])
+    np.testing.assert_allclose(scored.rewards, r_rule * (0.5 * r_rel + 0.5 * r_conv), atol=1e-7)
+    assert scored.rewards.dtype == np.float32
+    np.testing.assert_array_equal(scored.format_valid, [True, True, False, False])
+    words = [len(text.split()) for text in rewrites]
+    assert scored.metrics == pytest.approx({
+        "rl/reward_rel": r_rel.mean(), "rl/reward_conv": r_conv.mean(), "rl/reward_rule": 0.5,
+        "rl/rule_failure_rate": 0.5, "rl/reward_not_applicable": 0.0,
+        "rl/accuracy": 0.25,  # only the gold rewrite reads back as the query's intent
+        "rl/rewrite_words": np.mean(words)})
+
+
+def test_outcome_credit_layout(world, wiring_case):
+    _, scored = _score(world, wiring_case)
+    np.testing.assert_array_equal(scored.node_values, np.full((4, 1), -1))
+    assert [ids.tolist() for ids in scored.node_ids] == [[-1] * n for n in (3, 5, 1, 7)]
+    assert scored.gold_label is None
+
+
+def test_single_reward_variants_and_rewards_that_do_not_apply(world, wiring_case):
+    query = wiring_case[0]
+    _, scored = _score(world, wiring_case[:3] + (None,), fusion="conv")  # no judge needed
+    np.testing.assert_allclose(scored.rewards, [1.0, 0.5, 0.5, 0.0])  # ungated by the rules
+    assert "rl/reward_rel" not in scored.metrics and scored.metrics["rl/rule_failure_rate"] == 0.5
+    # A query nobody bought from: r_conv does not apply, the group gets reward 0 (no advantage).
+    unbought = [dataclasses.replace(q, purchased_product_ids=()) if q.query_id == query.query_id else q
+                for q in world.split_queries("train")]
+    _, scored = _score(world, wiring_case[:3] + (None,), fusion="conv", queries=unbought)
+    np.testing.assert_array_equal(scored.rewards, np.zeros(4))
+    assert scored.metrics["rl/reward_not_applicable"] == 1.0
+
+
+def test_task_rejects_an_unknown_fusion(world):
+    config = rewrite_configs.get_config("micro")
+    config.rewrite.fusion = "average"
+    with pytest.raises(ValueError, match="config.rewrite.fusion = 'average'"):
+        rewrite_task.RewriteTask(config, world, engine=FakeEngine({}), judge=None)
+
+
+# ------------------------------------------------------------------------------------ offline metrics
+
+
+def test_relevance_grade_agrees_with_every_judged_pair(world):
+    for pair in world.pairs:
+        query = world.query_by_id[pair.query_id]
+        grade = rewrite_eval.relevance_grade(world, query.subject, query.attributes,
+                                             world.product_by_id[pair.product_id])
+        assert grade == {"Exact": 3, "Substitute": 2, "Complement": 1, "Irrelevant": 0}[pair.label], pair
+
+
+def test_rewrite_metrics_hand_computed(world):
+    types = world.types
+    query = _query_with(world, lambda q: q.attributes and len(q.purchased_product_ids) == 2
+                        and types[q.subject].substitutes and types[q.subject].complements)
+    ptype = types[query.subject]
+    related = {query.subject, *ptype.substitutes, *ptype.complements}
+    by_kind = {
+        "same type, an attribute wrong": lambda p: p.product_type == query.subject and any(
+            p.attributes[key] != value for key, value in query.attributes.items()),
+        "substitute type": lambda p: p.product_type in ptype.substitutes,
+        "complement type": lambda p: p.product_type in ptype.complements,
+        "unrelated type": lambda p: p.product_type not in related,
+    }
+    picked = [next(p.product_id for p in world.products if is_kind(p)) for is_kind in by_kind.values()]
+    hits = [query.purchased_product_ids[0], *picked]  # grades 3, 2, 2, 1, 0
+    other = world.split_queries("train")[0]
+    engine = FakeEngine({query.gold_rewrite: hits})
+    report = rewrite_eval.rewrite_metrics(world, engine, [query, other], [query.gold_rewrite, ""], k=5)
+    assert report["num_examples"] == 2 and report["k"] == 5
+    assert report["accuracy"] == 0.5  # the gold rewrite keeps the intent, an empty one does not
+    assert report["recall"] == pytest.approx((1 / 2 + 0.0) / 2)
+    assert report["relevance"] == pytest.approx((8 / 5 + 0.0) / 2)
+    # Top 2 only; an empty slot of the top 5 counts 0.
+    short = rewrite_eval.rewrite_metrics(world, engine, [query], [query.gold_rewrite], k=2)
+    assert (short["recall"], short["relevance"]) == (0.5, pytest.approx(5 / 2))
+    sparse = rewrite_eval.rewrite_metrics(world, FakeEngine({"x": hits[:2]}), [query], ["x"], k=5)
+    assert sparse["relevance"] == pytest.approx(5 / 5)
+
+
+def test_keeps_intent_reads_the_rewrite(world):
+    query = _query_with(world, lambda q: len(q.attributes) >= 2 and "size" not in q.attributes)
+    assert rewrite_eval.keeps_intent(world, query, query.gold_rewrite)
+    reordered = " ".join([query.subject, *reversed([query.attributes[k] for k in sorted(query.attributes)])])
+    assert reordered != query.gold_rewrite and rewrite_eval.keeps_intent(world, query, reordered)
+    assert not rewrite_eval.keeps_intent(world, query, query.subject)  # facets dropped
+    assert not rewrite_eval.keeps_intent(world, query, "")
+
+
+# ------------------------------------------------------------------------------------ multi-task SFT
+
+
+@pytest.mark.parametrize("mix, batch, expected", [
+    ({"rewrite": 1.0, "tag": 1.0}, 8, {"rewrite": 4, "tag": 4}),
+    ({"rewrite": 2.0, "tag": 1.0}, 8, {"rewrite": 5, "tag": 3}),  # 5.33 / 2.67: the larger remainder
+    ({"rewrite": 1.0, "tag": 0.0}, 8, {"rewrite": 8, "tag": 0}),  # single-task SFT
+    ({"tag": 1.0}, 3, {"rewrite": 0, "tag": 3}),
+])
+def test_task_counts(mix, batch, expected):
+    assert rewrite.task_counts(mix, batch) == expected
+
+
+@pytest.mark.parametrize("mix, message", [
+    ({"rewrite": 1.0, "tags": 1.0}, "unknown tasks \\['tags'\\]"),
+    ({"rewrite": -1.0, "tag": 2.0}, "weights must be >= 0"),
+    ({"rewrite": 0.0, "tag": 0.0}, "positive sum"),
+])
+def test_task_counts_bad_mix(mix, message):
+    with pytest.raises(ValueError, match=message):
+        rewrite.task_counts(mix, 8)
+
+
+def test_sft_examples(world):
+    examples = rewrite.sft_examples(world, "train")
+    queries, tags = world.split_queries("train"), world.split_rewrite_tags("train")
+    assert examples["rewrite"] == ([f"query: {q.text} rewrite:" for q in queries], [q.gold_rewrite for q in queries])
+    prompts, answers = examples["tag"]
+    assert prompts[0] == f"query: {tags[0].query} rewrite: {tags[0].rewrite} tag:"
+    assert answers == [t.tag for t in tags] and set(answers) == set(cot.REWRITE_TAGS)
+
+
+# ------------------------------------------------------------------------------------ end to end
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, config):
+    workdir = tmp_path_factory.mktemp("rewrite")
+    main.run(config, str(workdir))
+    return workdir
+
+
+def test_every_stage_leaves_its_outputs(pipeline):
+    assert (pipeline / "index" / MANIFEST).exists()
+    for stage, last in (("sft", 6), ("rl", 2)):
+        with checkpointing.Checkpointer(loop.checkpoint_dir(str(pipeline), stage)) as ckpt:
+            assert ckpt.all_steps()[-1] == last
+    rows = metrics.read_jsonl(str(pipeline / "rl" / "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [1, 2]
+    expected = ["rl/reward", "rl/reward_rel", "rl/reward_conv", "rl/reward_rule", "rl/rule_failure_rate",
+                "rl/rewrite_words", "rl/accuracy", "rl/loss", "rl/completions/mean_length",
+                "credit/adv_mean/rewrite"]
+    for row in rows:
+        assert not [k for k in expected if k not in row]
+        assert 0.0 <= row["rl/reward"] <= 1.0 and 0.0 <= row["rl/reward_rel"] <= 1.0
+
+
+def test_eval_reports_every_policy_next_to_raw_and_gold(pipeline, config, world):
+    results = json.loads((pipeline / "rewrite_eval" / "metrics.json").read_text())
+    assert sorted(results) == sorted(f"{name}/{split}" for name in ("raw", "gold", "sft", "rl")
+                                     for split in ("test", "ood"))
+    for report in results.values():
+        assert report["num_examples"] == 8 and report["k"] == 10
+        assert 0.0 <= report["accuracy"] <= 1.0 and 0.0 <= report["recall"] <= 1.0
+        assert 0.0 <= report["relevance"] <= 3.0
+    assert results["gold/test"]["accuracy"] == results["gold/ood"]["accuracy"] == 1.0
+    # Raw-query recall, recomputed straight from the engine.
+    engine = rewrite.build_index(config, str(pipeline))
+    queries = world.split_queries("test")[:8]
+    recalls = [len(set(q.purchased_product_ids) & {pid for pid, _ in engine.search(q.text, 10)})
+               / len(q.purchased_product_ids) for q in queries]
+    assert results["raw/test"]["recall"] == pytest.approx(np.mean(recalls))
+
+
+def test_index_is_reused_and_checked_against_the_world(pipeline, config):
+    manifest = pipeline / "index" / MANIFEST
+    before = os.stat(manifest).st_mtime_ns
+    rewrite.build_index(config, str(pipeline))
+    assert os.stat(manifest).st_mtime_ns == before
+    other = rewrite_configs.get_config("micro")
+    other.world.products_per_type = 17
+    with pytest.raises(ValueError, match="indexes 624 products but the world of this config has 663"):
+        rewrite.build_index(other, str(pipeline))
+
+
+def test_rl_moved_the_policy_away_from_sft(pipeline, config):
+    sft_params, rl_params = (rl.restore_policy(config, str(pipeline), stage) for stage in ("sft", "rl"))
+    distance = sum(float(jnp.abs(a - b).sum()) for a, b in
+                   zip(jax.tree_util.tree_leaves(sft_params), jax.tree_util.tree_leaves(rl_params)))
+    assert distance > 0
+
+
+def test_tag_judge_matches_unpadded_forced_decoding(pipeline, config, world):
+    """The batched judge against a reference that scores each (prompt, tag, EOS) row right-padded."""
+    tokenizer = prepare.load_tokenizer(config, str(pipeline))
+    model_config = decoder.DecoderConfig.from_config(config.model)
+    params = rl.restore_policy(config, str(pipeline))
+    tags = world.split_rewrite_tags("train")[:11]
+    queries, rewrites = [t.query for t in tags], [t.rewrite for t in tags]
+    # The RL stage's judge shapes (compiled already): two chunks of 8 pairs, the second padded.
+    judge = rewrite_task.TagJudge(params, model_config, tokenizer, batch_size=config.rewrite.judge_batch_size,
+                                  max_prompt_len=config.data.max_prompt_len + config.data.max_response_len)
+    jax.tree_util.tree_map(lambda x: x.delete(), params)  # the judge holds its own frozen copy
+    probs = judge(queries, rewrites)
+
+    rows, spans = [], []
+    for query, text in zip(queries, rewrites):
+        prompt = tokenizer(cot.tag_prompt(query, text))["input_ids"]
+        for tag in cot.REWRITE_TAGS:
+            answer = tokenizer(tag, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            rows.append(prompt + answer)
+            spans.append((len(prompt), len(prompt) + len(answer)))
+    width = max(len(r) for r in rows)
+    tokens = np.array([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows], np.int32)
+    mask = np.arange(width)[None, :] < np.array([len(r) for r in rows])[:, None]
+    logp = np.asarray(jax.jit(decoder.token_log_probs, static_argnums=1)(
+        judge.params, model_config, jnp.asarray(tokens), jnp.asarray(mask)))
+    scores = np.array([logp[i, start:end].sum() for i, (start, end) in enumerate(spans)]).reshape(11, 3)
+    reference = np.exp(scores) / np.exp(scores).sum(axis=1, keepdims=True)
+    assert probs.shape == (11, 3)
+    np.testing.assert_allclose(probs, reference, atol=1e-5)
