@@ -184,7 +184,8 @@ def _batch_view(graph: jraph.GraphsTuple, spec: GraphSpec) -> _Batch:
     num_graphs, num_node_slots = graph.n_node.shape[0], graph.nodes["type"].shape[0]
     node_real = jraph.get_node_padding_mask(graph)
     graph_real = jraph.get_graph_padding_mask(graph)
-    node_graph = jnp.repeat(jnp.arange(num_graphs), graph.n_node, total_repeat_length=num_node_slots)
+    # searchsorted, not jnp.repeat: XLA mis-partitions the repeat inside the update's scan on some meshes
+    node_graph = jnp.searchsorted(jnp.cumsum(graph.n_node), jnp.arange(num_node_slots), side="right")
     value = jnp.where(node_real, graph.nodes["value"], -1)
     group = graph.globals["group"]
     node_type = jnp.where(node_real, graph.nodes["type"], 0)
