@@ -16,6 +16,7 @@ import ml_collections
 from configs import common
 from graphgrpo_jax.graph import controller, credit, spec
 from graphgrpo_jax.rl import grpo
+from graphgrpo_jax.train import distill
 
 
 def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
@@ -55,6 +56,10 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
     config.rl_optim = ml_collections.ConfigDict(dict(
         learning_rate=3e-4, warmup_steps=0, schedule="constant", grad_clip=1.0, weight_decay=0.0))
 
+    # Graph-node multi-head distillation into MiniLM-L6 (METHOD.md A5); not in the default stages yet:
+    # add "distill" to config.stages (about 10 minutes of CPU).
+    config.distill = distill.default_distill_config()
+
     config.eval = ml_collections.ConfigDict(dict(
         policies=("sft", "rl"), splits=("test", "ood"), max_examples=256, batch_size=64))
 
@@ -70,6 +75,7 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
         config.optim.batch_size = 8
         config.eval.update(max_examples=8, batch_size=8)
         config.checkpoint.save_every = 2
+        config.distill.update(max_length=32, batch_size=8, num_steps=4, log_every=2)
     elif variant == "smoke":
         config.stages = ("lm_smoke",)
         config.lm_smoke.num_steps = 10

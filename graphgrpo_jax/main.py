@@ -29,6 +29,7 @@ STAGES = {
     "rewrite_sft": "graphgrpo_jax.train.rewrite:run_sft",
     "rewrite_eval": "graphgrpo_jax.train.rewrite:run_eval",
     "report": "graphgrpo_jax.eval.report:run",
+    "distill": "graphgrpo_jax.train.distill:run",
     "lm_smoke": "graphgrpo_jax.train.smoke:run",
 }
 
