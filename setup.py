@@ -23,6 +23,7 @@ INSTALL_REQUIRES = [
     "tensorboardX==2.6.5",
     "tqdm==4.70.1",
     "matplotlib==3.11.2",
+    "flatbuffers==25.12.19",  # jax.export serialisation (the served student, search/serving.py)
 ]
 
 EXTRAS = {
