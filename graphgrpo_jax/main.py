@@ -3,6 +3,8 @@ r"""Runs an experiment config: `python -m graphgrpo_jax.main --config=configs/re
 Overrides go on the command line (`--config.rl.group_size=16`). The config is validated before any work,
 written to `<workdir>/config.json`, and its `stages` run in order. Stages talk to each other only through
 the workdir (tokenizer folder, checkpoints, reports), so a re-run resumes where the last one stopped.
+Every stage places its arrays on the device mesh of `config.mesh` (default `single`: one device); a
+multi-host run joins its job here, before any stage runs (`train/mesh.py`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from graphgrpo_jax import config_validation
+from graphgrpo_jax.train import mesh as mesh_lib
 
 # Stage name -> "module:function"; each function takes (config, workdir). Imported lazily so a config
 # that runs one stage does not pay for the imports of the others.
@@ -25,6 +28,7 @@ STAGES = {
     "sft": "graphgrpo_jax.train.sft:run",
     "rl": "graphgrpo_jax.train.rl:run",
     "eval": "graphgrpo_jax.train.evaluate:run",
+    "eval_file": "graphgrpo_jax.train.evaluate:run_file",
     "index": "graphgrpo_jax.train.rewrite:build_index",
     "rewrite_sft": "graphgrpo_jax.train.rewrite:run_sft",
     "rewrite_eval": "graphgrpo_jax.train.rewrite:run_eval",
@@ -41,6 +45,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Validates `config` and runs its stages in `workdir` (the library entry point; main() wraps it)."""
     config_validation.validate(config, stages=STAGES)
+    # Before anything touches a device: a multi-host job must be joined first (see train/mesh.py).
+    mesh_lib.maybe_initialize_distributed(config.get("mesh"))
     os.makedirs(workdir, exist_ok=True)
     logging.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(),
                  jax.process_count(), jax.devices())

@@ -49,6 +49,23 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | pathli
     return tokenizer
 
 
+def checkpoint_tokenizer(checkpoint: str | pathlib.Path, out_dir: str | pathlib.Path,
+                         extra_special_tokens: Sequence[str] = ()) -> transformers.PreTrainedTokenizerBase:
+    """A pretrained checkpoint's own tokenizer, with `extra_special_tokens` (the CoT tags) added as whole
+    tokens, saved to `out_dir`.
+
+    The tags get ids after the checkpoint's vocabulary; Qwen2.5's embedding matrix has spare rows beyond
+    its tokenizer (151,936 vs 151,665), so they index existing (untrained) embeddings and the model needs no
+    resizing. Text without tags encodes exactly as with the checkpoint's tokenizer.
+    """
+    tokenizer = load_tokenizer(checkpoint)
+    new = [tag for tag in extra_special_tokens if tag not in tokenizer.get_vocab()]
+    if new:
+        tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
+    tokenizer.save_pretrained(str(out_dir))
+    return tokenizer
+
+
 def load_tokenizer(folder: str | pathlib.Path) -> transformers.PreTrainedTokenizerBase:
     """A tokenizer folder (ours, or a checkpoint's own) loaded offline, with a pad and an EOS token.
 

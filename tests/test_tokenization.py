@@ -123,3 +123,31 @@ def test_real_esci_titles_round_trip(shared_data, tmp_path):
         assert tokenizer.decode(ids_of(tokenizer, text)) == text
     ids, mask = tokenization.encode_batch(tokenizer, texts[1000:1016], max_len=128)
     assert mask.any(axis=1).all() and mask[:, -1].all()
+
+
+def test_checkpoint_tokenizer_adds_the_cot_tags_as_whole_tokens(tmp_path):
+    """A pretrained checkpoint's tokenizer (here a BPE saved like one, without tags) gains the CoT tags
+    after its vocabulary; untagged text encodes exactly as before; the data stage uses it when asked."""
+    from configs import relevance
+    from graphgrpo_jax.data import prepare
+
+    texts = ["red cotton shirt for men", "phone case, black", "<ms> is not a tag yet"] * 20
+    checkpoint = tmp_path / "checkpoint"
+    original = tokenization.train_tokenizer(texts, 300, checkpoint)
+    tags = prepare.node_tags()
+    tokenizer = tokenization.checkpoint_tokenizer(checkpoint, tmp_path / "out", tags)
+    reloaded = tokenization.load_tokenizer(tmp_path / "out")
+    for tok in (tokenizer, reloaded):
+        assert len(tok) == len(original) + len(tags)
+        for i, tag in enumerate(tags):
+            assert tok(tag, add_special_tokens=False)["input_ids"] == [len(original) + i]
+        for text in texts[:2]:
+            assert tok(text, add_special_tokens=False)["input_ids"] == original(text, add_special_tokens=False)[
+                "input_ids"]
+        assert tok.decode(tok("<y>Exact</y>", add_special_tokens=False)["input_ids"]) == "<y>Exact</y>"
+
+    config = relevance.get_config("micro")
+    config.tokenizer.hf_checkpoint = str(checkpoint)
+    config.model.vocab_size = len(original) + len(tags)
+    prepare.run(config, str(tmp_path / "work"))
+    assert len(prepare.load_tokenizer(config, str(tmp_path / "work"))) == len(original) + len(tags)

@@ -2,8 +2,9 @@
 
 The world is a deterministic function of `config.world`, so later stages rebuild it (in about a second)
 instead of parsing a file; `data/world.json` is written once for inspection and for other tools. The
-tokenizer is a byte-level BPE trained on the world's text, with the CoT tags as whole tokens so node
-spans map onto tokens exactly.
+tokenizer is a byte-level BPE trained on the world's text or, with `config.tokenizer.hf_checkpoint`, the
+pretrained checkpoint's own tokenizer; either way the CoT tags are whole tokens, so node spans map onto
+tokens exactly.
 """
 
 from __future__ import annotations
@@ -64,9 +65,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
             f.write(world.to_json())
         os.replace(world_path + ".tmp", world_path)
     if not os.path.exists(os.path.join(tokenizer_dir(workdir), "tokenizer.json")):
-        tokenizer = tokenization.train_tokenizer(corpus(world), config.tokenizer.vocab_size,
-                                                 tokenizer_dir(workdir), extra_special_tokens=node_tags())
-        logging.info("trained a %d-token tokenizer in %s", len(tokenizer), tokenizer_dir(workdir))
+        checkpoint = config.tokenizer.get("hf_checkpoint")
+        if checkpoint:
+            tokenizer = tokenization.checkpoint_tokenizer(checkpoint, tokenizer_dir(workdir), node_tags())
+            logging.info("the %d-token tokenizer of %s, with the CoT tags added, in %s", len(tokenizer),
+                         checkpoint, tokenizer_dir(workdir))
+        else:
+            tokenizer = tokenization.train_tokenizer(corpus(world), config.tokenizer.vocab_size,
+                                                     tokenizer_dir(workdir), extra_special_tokens=node_tags())
+            logging.info("trained a %d-token tokenizer in %s", len(tokenizer), tokenizer_dir(workdir))
     load_tokenizer(config, workdir)  # fail now, not three stages later, when it does not fit the model
     logging.info("world: %d products, %d queries, %d relevance pairs, %d rewrite tags", len(world.products),
                  len(world.queries), len(world.pairs), len(world.rewrite_tags))

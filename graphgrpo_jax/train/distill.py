@@ -47,7 +47,7 @@ from graphgrpo_jax.data import batching, cot, esci, prepare
 from graphgrpo_jax.eval import classification, student as student_eval
 from graphgrpo_jax.models import decoder, encoder
 from graphgrpo_jax.rl import rollout
-from graphgrpo_jax.train import checkpointing, loop, rl, state as state_lib
+from graphgrpo_jax.train import checkpointing, loop, mesh as mesh_lib, rl, state as state_lib
 
 # Every categorical node the teacher describes and the student may have a head for, with its values.
 NODE_VALUES: dict[str, tuple[str, ...]] = {cot.LABEL_NODE: cot.LABELS, "ms": cot.MS_VALUES, "ma": cot.MA_VALUES}
@@ -456,10 +456,11 @@ def make_train_step(encoder_config: encoder.EncoderConfig, optimizer: optax.Grad
 
 
 @functools.lru_cache(maxsize=4)
-def _compiled_step(encoder_config: encoder.EncoderConfig, settings: LossSettings, optim_json: str, num_steps: int):
-    """The jitted step and its optimizer, cached so repeated runs in one process (ablations, tests) compile once."""
+def _cached_step(encoder_config: encoder.EncoderConfig, settings: LossSettings, optim_json: str, num_steps: int):
+    """The step function and its optimizer, cached so that repeated runs in one process (ablations, tests)
+    jit the same function, which JAX compiles once per layout."""
     optimizer = state_lib.make_optimizer(ml_collections.ConfigDict(json.loads(optim_json)), num_steps)
-    return jax.jit(make_train_step(encoder_config, optimizer, settings), donate_argnums=0), optimizer
+    return make_train_step(encoder_config, optimizer, settings), optimizer
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -477,17 +478,20 @@ def init_student(encoder_config: encoder.EncoderConfig, heads: Sequence[str], se
 
 
 def restore_student(config: ml_collections.ConfigDict, workdir: str) -> encoder.Params:
-    """The newest student params of stage `config.distill.run_name` in the workdir."""
+    """The newest student params of stage `config.distill.run_name` in the workdir, in the shardings of
+    `config.mesh` (whatever the device count of the run that saved them)."""
     cfg = config.distill
     loss_settings(cfg)
     encoder_config = student_config()
     optimizer = state_lib.make_optimizer(cfg.optim, cfg.num_steps)  # only the state's structure matters
-    params = jax.eval_shape(lambda: encoder.init_params(encoder_config, {n: len(NODE_VALUES[n]) for n in cfg.heads},
-                                                        jax.random.PRNGKey(0)))
+    head_sizes = {node: len(NODE_VALUES[node]) for node in cfg.heads}
+    params = jax.eval_shape(lambda: encoder.init_params(encoder_config, head_sizes, jax.random.PRNGKey(0)))
     like = {"params": params, "opt_state": jax.eval_shape(optimizer.init, params)}
+    shardings = mesh_lib.Layout.from_config(config.get("mesh")).state_shardings(
+        like, encoder.param_logical_axes(encoder_config, head_sizes))
     directory = loop.checkpoint_dir(workdir, cfg.run_name)
     with checkpointing.Checkpointer(directory) as ckpt:
-        restored = ckpt.restore_latest(like)
+        restored = ckpt.restore_latest(mesh_lib.with_shardings(like, shardings))
     if restored is None:
         raise FileNotFoundError(f"no student checkpoint in {directory}: run the 'distill' stage first")
     return restored.state["params"]
@@ -527,16 +531,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     esci_data = esci.read_flat_jsonl(cfg.esci_path, test_fraction=cfg.esci_test_fraction) if cfg.esci_path else None
     examples = training_examples(config, world, teacher["train"], esci_data, tokenizer)
 
-    step_fn, optimizer = _compiled_step(encoder_config, settings, cfg.optim.to_json(sort_keys=True), cfg.num_steps)
-    params = init_student(encoder_config, cfg.heads, config.seed)
-    state = {"params": params, "opt_state": optimizer.init(params)}
+    # The student is sharded by the same logical rules as the policy (its params name the same axes:
+    # vocab, embed, heads, mlp); each process places only its slices of the pretrained weights.
+    layout = mesh_lib.Layout.from_config(config.get("mesh"))
+    step_fn, optimizer = _cached_step(encoder_config, settings, cfg.optim.to_json(sort_keys=True), cfg.num_steps)
+    head_sizes = {node: len(NODE_VALUES[node]) for node in cfg.heads}
+    logical_axes = encoder.param_logical_axes(encoder_config, head_sizes)
+    pretrained = init_student(encoder_config, cfg.heads, config.seed)
+    params = mesh_lib.host_to_global(pretrained, layout.param_shardings(pretrained, logical_axes))
+    state, shardings = layout.init(lambda p: {"params": p, "opt_state": optimizer.init(p)}, logical_axes, params)
 
     def batch_fn(step: int) -> dict:
         rows = np.random.default_rng([config.seed, 4, step]).choice(examples.num_examples, cfg.batch_size,
                                                                     replace=False)
-        return examples.batch(rows)
+        return layout.load_batch(rows, examples.batch)
 
-    state = loop.fit(state, step_fn, batch_fn, num_steps=cfg.num_steps, workdir=workdir, stage=cfg.run_name,
+    state = loop.fit(state, layout.step(step_fn, shardings), batch_fn, num_steps=cfg.num_steps, workdir=workdir, stage=cfg.run_name,
                      save_every=config.checkpoint.save_every, max_to_keep=config.checkpoint.max_to_keep,
                      log_every=cfg.log_every, progress_keys=("distill/loss", "distill/accuracy"))
     report = evaluate(state["params"], config, encoder_config, tokenizer, world, teacher["test"], esci_data)

@@ -17,6 +17,11 @@ The same training code runs on 1 CPU, a fake 8-device CPU mesh, one GPU host and
    `global_batch` assembles the process-local rows into one global array; `host_to_global` places
    host arrays every process holds whole (checkpoint weights).
 
+The stages use these through one object, `Layout.from_config(config.mesh)`: state built shard by shard
+(`Layout.init`), steps jitted with the state's shardings (`Layout.step`), batches loaded per process
+(`Layout.load_batch`), sampled rollouts brought back to every host (`Layout.to_host`). The default mesh,
+`single`, is one device, so a laptop run compiles the same programs it always did.
+
 Checkpoints need nothing extra: orbax writes global arrays collectively (every process calls `save`),
 and restores into whatever shardings the target tree carries (`with_shardings`), so a checkpoint saved
 on 8 devices restores on 1 and vice versa. Logs and metrics are written by process 0 (`train/metrics.py`).
@@ -24,6 +29,7 @@ on 8 devices restores on 1 and vice versa. Logs and metrics are written by proce
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import types
@@ -34,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from graphgrpo_jax import sampling
@@ -62,8 +69,8 @@ LOGICAL_RULES: Rules = types.MappingProxyType({
 # Mesh and rules from the config
 # --------------------------------------------------------------------------------------------------
 
-def mesh_shape(mesh_cfg: Mapping[str, Any], num_devices: int) -> tuple[int, ...]:
-    """Axis sizes (data, fsdp, tensor) from the config; one axis may be -1, meaning all remaining devices."""
+def _sizes(mesh_cfg: Mapping[str, Any]) -> list[int]:
+    """The configured axis sizes (data, fsdp, tensor), checked; absent axes have size 1."""
     sizes = []
     for axis in MESH_AXES:
         size = mesh_cfg.get(axis, 1)
@@ -73,6 +80,12 @@ def mesh_shape(mesh_cfg: Mapping[str, Any], num_devices: int) -> tuple[int, ...]
         sizes.append(size)
     if sizes.count(-1) > 1:
         raise ValueError(f"config.mesh sizes {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
+    return sizes
+
+
+def mesh_shape(mesh_cfg: Mapping[str, Any], num_devices: int) -> tuple[int, ...]:
+    """Axis sizes (data, fsdp, tensor) from the config; one axis may be -1, meaning all remaining devices."""
+    sizes = _sizes(mesh_cfg)
     fixed = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if num_devices % fixed:
@@ -88,10 +101,18 @@ def mesh_shape(mesh_cfg: Mapping[str, Any], num_devices: int) -> tuple[int, ...]
 def make_mesh(mesh_cfg: Mapping[str, Any], devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A mesh over `devices` (default: every device of every process) with Auto axis types.
 
+    By default, a single-process run whose axis sizes are all fixed and need fewer devices than it has
+    takes the first ones: the `single` preset (1, 1, 1) is one device however many are visible (the
+    test suite's fake 8-device CPU, a GPU host that runs a small job). A -1 axis always takes them all.
     `jax.make_mesh` orders the devices by the hardware topology where it knows it (TPU slices), so the
     innermost axis, `tensor`, gets the fastest links.
     """
-    devices = jax.devices() if devices is None else list(devices)
+    if devices is None:
+        devices = jax.devices()
+        sizes = _sizes(mesh_cfg)
+        if -1 not in sizes and jax.process_count() == 1 and math.prod(sizes) < len(devices):
+            devices = devices[:math.prod(sizes)]
+    devices = list(devices)
     shape = mesh_shape(mesh_cfg, len(devices))
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
@@ -263,32 +284,35 @@ def _check_left_padded(prompt_mask: jax.Array | np.ndarray) -> None:
             raise ValueError("prompts must be left-padded and non-empty; some rows end in padding")
 
 
+def _generate(model_config: decoder.DecoderConfig, max_new_tokens: int, params, prompt_tokens, prompt_mask, rng,
+              knobs, eos_ids, pad_id) -> sampling.SampleOutput:
+    """Prefill and decode as one program (module-level, so every sampler of a shape shares its compilation)."""
+    next_logits, cache = sampling.prefill(params, model_config, prompt_tokens, prompt_mask,
+                                          cache_len=prompt_tokens.shape[1] + max_new_tokens)
+    output, _ = sampling.decode(params, model_config, cache, next_logits, rng, knobs, eos_ids, pad_id,
+                                max_new_tokens=max_new_tokens)
+    return output
+
+
 def shard_sampler(mesh: Mesh, params_shardings: PyTree, model_config: decoder.DecoderConfig, *,
                   max_new_tokens: int, rules: Rules = LOGICAL_RULES) -> Callable:
     """A sharded `sampling.generate`: prefill and decode as one jitted program over the mesh.
 
     Returns `generate(params, prompt_tokens, prompt_mask, rng, knobs, eos_ids, pad_id) -> SampleOutput`
     for left-padded global prompt arrays [B, P]; rows (and the KV cache they fill) are split over the
-    batch axes, the params stay in their shardings, and the outputs come back split by rows.
+    batch axes, the params stay in their shardings, and the outputs come back split by rows. Samplers
+    built again for the same mesh, model and length reuse the compiled program.
     """
     batch, rep = batch_sharding(mesh, rules), replicated(mesh)
-
-    def generate(params, prompt_tokens, prompt_mask, rng, knobs, eos_ids, pad_id) -> sampling.SampleOutput:
-        next_logits, cache = sampling.prefill(params, model_config, prompt_tokens, prompt_mask,
-                                              cache_len=prompt_tokens.shape[1] + max_new_tokens)
-        output, _ = sampling.decode(params, model_config, cache, next_logits, rng, knobs, eos_ids, pad_id,
-                                    max_new_tokens=max_new_tokens)
-        return output
-
-    jitted = jax.jit(generate, in_shardings=(params_shardings, batch, batch, rep, rep, rep, rep),
-                     out_shardings=batch)
+    jitted = jax.jit(_generate, static_argnums=(0, 1),
+                     in_shardings=(params_shardings, batch, batch, rep, rep, rep, rep), out_shardings=batch)
 
     def run(params, prompt_tokens, prompt_mask, rng, knobs: sampling.SamplingParams, eos_ids, pad_id):
         _check_left_padded(prompt_mask)
         # Fixed dtypes, as in `sampling.generate`, so Python numbers and arrays share one compilation.
         knobs = sampling.SamplingParams(jnp.asarray(knobs.temperature, jnp.float32),
                                         jnp.asarray(knobs.top_k, jnp.int32), jnp.asarray(knobs.top_p, jnp.float32))
-        return jitted(params, prompt_tokens, prompt_mask, rng, knobs,
+        return jitted(model_config, max_new_tokens, params, prompt_tokens, prompt_mask, rng, knobs,
                       jnp.atleast_1d(jnp.asarray(eos_ids, jnp.int32)), jnp.asarray(pad_id, jnp.int32))
 
     return run
@@ -345,3 +369,62 @@ def global_batch(mesh: Mesh, local_batch: PyTree, global_batch_size: int, rules:
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x),
                                                          (global_batch_size, *np.shape(x)[1:])),
         local_batch)
+
+
+# --------------------------------------------------------------------------------------------------
+# One object per stage: mesh + rules -> shardings, sharded state, per-process batches, jitted steps
+# --------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where a stage's arrays live: the mesh of `config.mesh` and its logical rules.
+
+    Every stage (SFT, RL, distillation) builds one with `Layout.from_config(config.mesh)` and places its
+    state, batches and steps through it, so the stages cannot drift apart. Frozen and hashable: a cache
+    key for compiled steps.
+    """
+
+    mesh: Mesh
+    rules: tuple[tuple[str, tuple[str, ...]], ...]
+
+    @classmethod
+    def from_config(cls, mesh_cfg: Mapping[str, Any] | None) -> "Layout":
+        mesh_cfg = mesh_cfg or {}
+        return cls(make_mesh(mesh_cfg), tuple(sorted(logical_rules(mesh_cfg).items())))
+
+    @property
+    def rule_map(self) -> dict[str, tuple[str, ...]]:
+        return dict(self.rules)
+
+    @property
+    def batch_sharding(self) -> NamedSharding:
+        return batch_sharding(self.mesh, self.rule_map)
+
+    def param_shardings(self, params_like: PyTree, logical_axes: PyTree) -> PyTree:
+        return param_shardings(self.mesh, params_like, logical_axes, self.rule_map)
+
+    def state_shardings(self, state_like: Mapping[str, PyTree], logical_axes: PyTree) -> PyTree:
+        """Shardings of a `{"params", ...}` state (arrays or `jax.eval_shape` structs); see `state_shardings`."""
+        return state_shardings(self.mesh, state_like, self.param_shardings(state_like["params"], logical_axes))
+
+    def init(self, init_fn: Callable[..., dict], logical_axes: PyTree, *args) -> tuple[dict, PyTree]:
+        """`sharded_init` on this layout: (state, its shardings), each device building only its shard."""
+        return sharded_init(init_fn, self.mesh, logical_axes, *args, rules=self.rule_map)
+
+    def step(self, step_fn: Callable, state_shardings: PyTree) -> Callable:
+        """`shard_step` on this layout: a jitted `step(state, batch)` with batches split over the batch axes."""
+        return shard_step(step_fn, self.mesh, state_shardings, self.batch_sharding)
+
+    def load_batch(self, rows: np.ndarray, load: Callable[[np.ndarray], PyTree]) -> PyTree:
+        """The global batch of dataset `rows`, each process calling `load` on only the rows its devices hold.
+
+        `load(rows) -> pytree of host arrays [len(rows), ...]`; `rows` is the same on every process.
+        """
+        mine = process_batch_slice(self.mesh, len(rows), self.rule_map)
+        return global_batch(self.mesh, load(np.asarray(rows)[mine]), len(rows), self.rule_map)
+
+    def to_host(self, tree: PyTree) -> PyTree:
+        """Whole host (numpy) arrays of a pytree of global arrays, on every process (a collective)."""
+        if jax.process_count() == 1:
+            return jax.device_get(tree)
+        return multihost_utils.process_allgather(tree, tiled=True)

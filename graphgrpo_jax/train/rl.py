@@ -6,6 +6,10 @@ groups as a jraph batch → μ = `grpo.num_iterations` jitted updates of the cli
 token advantages come from `graph/credit.py` inside the differentiated function, so the same gradient
 call also yields dLoss/dφ for the `main_loss` controller. φ and the controller's optimizer live in the
 training state and are checkpointed with the policy.
+
+Everything lives on the mesh of `config.mesh` (`train/mesh.py`): the policy is restored straight into its
+shardings, the sampler and the update run sharded, and each process loads only its rows of the prompts and
+of the update's batch; the host-side scoring sees every rollout (group statistics need whole groups).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from graphgrpo_jax.eval import credit as eval_credit
 from graphgrpo_jax.graph import controller as controller_lib, credit as credit_lib, spec as spec_lib
 from graphgrpo_jax.models import decoder
 from graphgrpo_jax.rl import grpo, rewrite_task, rollout
-from graphgrpo_jax.train import checkpointing, loop, sft, state as state_lib
+from graphgrpo_jax.train import checkpointing, loop, mesh as mesh_lib, sft, state as state_lib
 
 # Task name (config.task) -> factory (config, world, spec, workdir) of how its prompts are drawn and its
 # completions scored (see rl/rollout.py); the workdir holds what a task reads from earlier stages.
@@ -38,17 +42,24 @@ TASKS = {
 }
 
 
-def restore_policy(config: ml_collections.ConfigDict, workdir: str, stage: str = "sft"):
-    """The newest policy params of `stage` ("sft" or "rl") in the workdir (structure from the config)."""
+def restore_policy(config: ml_collections.ConfigDict, workdir: str, stage: str = "sft",
+                   layout: mesh_lib.Layout | None = None):
+    """The newest policy params of `stage` ("sft" or "rl") in the workdir (structure from the config),
+    restored straight into `layout`'s shardings (default: the layout of `config.mesh`), whatever the
+    device count of the run that saved them."""
+    layout = layout or mesh_lib.Layout.from_config(config.get("mesh"))
     model_config = decoder.DecoderConfig.from_config(config.model)
-    like = jax.eval_shape(lambda: sft.init_state(config, model_config, 1)[0])
+    optimizer = state_lib.make_optimizer(config.optim, 1)  # only the checkpoint's tree structure matters
+    like = jax.eval_shape(lambda: sft.new_state(decoder.init_params(model_config, jax.random.PRNGKey(0)),
+                                                optimizer, jax.random.PRNGKey(0)))
     if stage == "rl":
         spec = spec_lib.graph_spec(config.graph)
         settings = controller_lib.controller_settings(config.controller, spec,
                                                       num_iterations=config.grpo.num_iterations)
         like["controller"] = jax.eval_shape(lambda: controller_lib.init_controller(spec, settings))
+    target = mesh_lib.with_shardings(like, layout.state_shardings(like, decoder.param_logical_axes(model_config)))
     with checkpointing.Checkpointer(loop.checkpoint_dir(workdir, stage)) as ckpt:
-        restored = ckpt.restore_latest(like)
+        restored = ckpt.restore_latest(target)
     if restored is None:
         raise FileNotFoundError(f"no {stage} checkpoint in {loop.checkpoint_dir(workdir, stage)}: run the "
                                 f"'{stage}' stage first")
@@ -152,20 +163,29 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise ValueError("config.controller.mode = 'alignment' cross-fits over two halves of the prompts: "
                          f"config.rl.prompts_per_step = {cfg.prompts_per_step} must be >= 2")
 
-    sft_params = restore_policy(config, workdir)
+    # Mesh → policy state in its shardings (restored straight into them) → sharded update and sampler.
+    layout = mesh_lib.Layout.from_config(config.get("mesh"))
+    sft_params = restore_policy(config, workdir, layout=layout)
     optimizer = state_lib.make_optimizer(config.rl_optim, cfg.num_steps)
-    state = state_lib.create_state(sft_params, optimizer, jax.random.PRNGKey(config.seed + 1))
-    state["controller"] = controller_lib.init_controller(spec, ctrl_settings)
     # The reference is its own copy: the policy's buffers are donated to each update.
     ref_params = jax.tree_util.tree_map(jnp.copy, sft_params) if grpo_cfg.beta > 0 else None
+
+    def init_state(params) -> dict:
+        state = sft.new_state(params, optimizer, jax.random.PRNGKey(config.seed + 1))
+        return {**state, "controller": controller_lib.init_controller(spec, ctrl_settings)}
+
+    state, shardings = layout.init(init_state, decoder.param_logical_axes(model_config), sft_params)
     # Cached on the (hashable) settings, so repeated runs in one process (ablations, tests) compile once.
-    update = _cached_update(model_config, grpo_cfg.to_json(sort_keys=True), spec, settings,
-                            config.rl_optim.to_json(sort_keys=True), cfg.num_steps, ctrl_settings.mode)
+    update = mesh_lib.shard_rl_update(
+        _cached_update(model_config, grpo_cfg.to_json(sort_keys=True), spec, settings,
+                       config.rl_optim.to_json(sort_keys=True), cfg.num_steps, ctrl_settings.mode),
+        layout.mesh, shardings["params"], shardings["opt_state"], reference=grpo_cfg.beta > 0,
+        batch_shardings=layout.batch_sharding)
+    generate = mesh_lib.shard_sampler(layout.mesh, shardings["params"], model_config,
+                                      max_new_tokens=config.data.max_response_len, rules=layout.rule_map)
     task = TASKS[config.get("task", "relevance")](config, world, spec, workdir)
     pieces = rollout.TokenPieces(tokenizer)
     sample_cfg = sampling.SamplingParams(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
-    generate = functools.partial(sampling.generate, max_new_tokens=config.data.max_response_len,
-                                 eos_ids=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
 
     prompts = task.prompts()
     encoded = batching.encode_prompts(tokenizer, prompts, config.data.max_prompt_len)
@@ -179,15 +199,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         prompt_tokens = encoded["tokens"][rows]
         prompt_mask = encoded["attention_mask"][rows].astype(bool)
         rng, sample_rng = jax.random.split(state["rng"])
-        out = jax.device_get(generate(state["params"], model_config, jnp.asarray(prompt_tokens),
-                                      jnp.asarray(prompt_mask), sample_rng, sampling=sample_cfg))
+        # Each process feeds the sampler its own prompt rows; every process then scores every rollout
+        # (group statistics need whole groups) and loads its own rows of the update's batch.
+        global_prompts = layout.load_batch(np.arange(len(rows)), lambda mine: (prompt_tokens[mine],
+                                                                               prompt_mask[mine]))
+        out = layout.to_host(generate(state["params"], *global_prompts, sample_rng, sample_cfg,
+                                      tokenizer.eos_token_id, tokenizer.pad_token_id))
         batch = rollout.assemble(task, pieces, rows, prompt_tokens, prompt_mask, out.tokens, out.lengths,
                                  out.truncated)
         scored = batch.scored
         graph = spec_lib.encode_rollouts(spec, scored.rewards, scored.node_values, scored.gold_label, group_size,
                                          max_rollouts=len(rows) + 1)
+        arrays = batch.arrays()
+        update_batch = layout.load_batch(np.arange(len(rows)), lambda mine: {k: v[mine] for k, v in arrays.items()})
         ctrl = state["controller"]
-        params, opt_state, g_phi, metrics = update(state["params"], state["opt_state"], ctrl.phi, batch.arrays(),
+        params, opt_state, g_phi, metrics = update(state["params"], state["opt_state"], ctrl.phi, update_batch,
                                                    graph, ref_params)
         if scored.node_correct is not None:
             metrics.update(blame_metrics(spec, settings, graph, ctrl.phi, batch, scored))

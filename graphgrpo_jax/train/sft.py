@@ -12,6 +12,8 @@ Batches are dicts of equal-shape int/bool arrays `[B, T]`: `tokens`, `attention_
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -21,10 +23,11 @@ import numpy as np
 import optax
 
 from graphgrpo_jax.data import batching, cot, prepare
-from graphgrpo_jax.models import decoder
-from graphgrpo_jax.train import loop, state as state_lib
+from graphgrpo_jax.models import decoder, hf
+from graphgrpo_jax.train import loop, mesh as mesh_lib, state as state_lib
 
 MASK_UNITS = ("token", "node")
+BATCH_KEYS = ("tokens", "attention_mask", "loss_mask", "node_ids")
 
 
 def cot_random_mask(rng: jax.Array, loss_mask: jax.Array, node_ids: jax.Array, *, label_node: int,
@@ -89,33 +92,63 @@ def relevance_examples(config: ml_collections.ConfigDict, world, split: str) -> 
     return prompts, responses
 
 
-def init_state(config: ml_collections.ConfigDict, model_config: decoder.DecoderConfig, num_steps: int
-               ) -> tuple[dict, optax.GradientTransformation]:
-    """A fresh policy state (params from the seed) and its optimizer."""
-    optimizer = state_lib.make_optimizer(config.optim, num_steps)
+def new_state(params: Any, optimizer: optax.GradientTransformation, rng: jax.Array) -> dict:
+    """A train state around `params` (pure, so `Layout.init` can build it shard by shard)."""
+    return {"params": params, "opt_state": optimizer.init(params), "rng": rng}
+
+
+def init_state(config: ml_collections.ConfigDict, model_config: decoder.DecoderConfig,
+               optimizer: optax.GradientTransformation, layout: mesh_lib.Layout) -> tuple[dict, Any]:
+    """The policy state SFT starts from, placed by `layout`, and its shardings.
+
+    Params come from `config.model.hf_checkpoint` when it names a Hugging Face checkpoint folder (each
+    process reads the file and places only its devices' slices), else from the seed.
+    """
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    params = jax.jit(decoder.init_params, static_argnums=0)(model_config, init_rng)
-    return state_lib.create_state(params, optimizer, state_rng), optimizer
+    logical_axes = decoder.param_logical_axes(model_config)
+    checkpoint = config.model.get("hf_checkpoint")
+    if checkpoint:
+        params_like = jax.eval_shape(functools.partial(decoder.init_params, model_config), init_rng)
+        params = mesh_lib.host_to_global(hf.load_params(checkpoint, model_config),
+                                         layout.param_shardings(params_like, logical_axes))
+        return layout.init(lambda p: new_state(p, optimizer, state_rng), logical_axes, params)
+    return layout.init(lambda: new_state(decoder.init_params(model_config, init_rng), optimizer, state_rng),
+                       logical_axes)
+
+
+def fit(config: ml_collections.ConfigDict, workdir: str, data: dict[str, np.ndarray],
+        sample_rows: Callable[[int], np.ndarray], num_steps: int, log_every: int, **mask_settings) -> dict:
+    """SFT of the config's policy on `data` (encoded `[N, T]` arrays), saved as stage `sft`.
+
+    `sample_rows(step)` gives the dataset rows of a step's global batch (the same on every process);
+    each process loads only the rows its devices hold; `mask_settings` are `make_train_step`'s CoT-masking
+    keywords. Shared by the relevance and rewrite pipelines.
+    """
+    layout = mesh_lib.Layout.from_config(config.get("mesh"))
+    model_config = decoder.DecoderConfig.from_config(config.model)
+    optimizer = state_lib.make_optimizer(config.optim, num_steps)
+    state, shardings = init_state(config, model_config, optimizer, layout)
+    step_fn = layout.step(make_train_step(model_config, optimizer, **mask_settings), shardings)
+
+    def load(rows: np.ndarray) -> dict:
+        return {k: data[k][rows].astype(bool if k.endswith("mask") else np.int32) for k in BATCH_KEYS}
+
+    return loop.fit(state, step_fn, lambda step: layout.load_batch(sample_rows(step), load),
+                    num_steps=num_steps, workdir=workdir, stage="sft", save_every=config.checkpoint.save_every,
+                    max_to_keep=config.checkpoint.max_to_keep, log_every=log_every, progress_keys=("sft/loss",))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     cfg = config.sft
     world, tokenizer = prepare.load_world(config), prepare.load_tokenizer(config, workdir)
-    model_config = decoder.DecoderConfig.from_config(config.model)
     prompts, responses = relevance_examples(config, world, "train")
     data = batching.encode_sft(tokenizer, prompts, responses, config.data.max_prompt_len,
                                config.data.max_response_len)
-    state, optimizer = init_state(config, model_config, cfg.num_steps)
-    step_fn = jax.jit(make_train_step(model_config, optimizer, label_node=cot.NODES.index(cot.LABEL_NODE),
-                                      num_nodes=len(cot.NODES), p_mask=cfg.p_mask, mask_unit=cfg.mask_unit),
-                      donate_argnums=0)
-    keys = ("tokens", "attention_mask", "loss_mask", "node_ids")
 
-    def batch_fn(step: int) -> dict:
-        rows = np.random.default_rng([config.seed, 1, step]).choice(len(prompts), config.optim.batch_size,
+    def sample_rows(step: int) -> np.ndarray:
+        return np.random.default_rng([config.seed, 1, step]).choice(len(prompts), config.optim.batch_size,
                                                                      replace=False)
-        return {k: data[k][rows].astype(bool if k.endswith("mask") else np.int32) for k in keys}
 
-    return loop.fit(state, step_fn, batch_fn, num_steps=cfg.num_steps, workdir=workdir, stage="sft",
-                    save_every=config.checkpoint.save_every, max_to_keep=config.checkpoint.max_to_keep,
-                    log_every=cfg.log_every, progress_keys=("sft/loss",))
+    return fit(config, workdir, data, sample_rows, cfg.num_steps, cfg.log_every,
+               label_node=cot.NODES.index(cot.LABEL_NODE), num_nodes=len(cot.NODES), p_mask=cfg.p_mask,
+               mask_unit=cfg.mask_unit)
