@@ -7,6 +7,8 @@ Variants:
   cpu    (default) tiny model, synthetic world, the whole pipeline on a laptop CPU.
   micro  the same pipeline shrunk to seconds per stage (tests).
   smoke  the decoder on a synthetic bigram language (checks the loop, checkpoints and metrics).
+  eval_file  eval-only: judge an ESCI-format JSONL with a finished run's checkpoints (train/evaluate.py):
+             --config.eval.input_path=FILE --config.eval.checkpoint_workdir=RUN [--config.eval.policies=...]
 Override any field on the command line, e.g. `--config.credit.variant=outcome`; the paper-faithful
 credit setting is `--config.credit.norm=node --config.credit.kappa=1` with φ = 0.5 on every edge.
 """
@@ -61,7 +63,10 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
     config.distill = distill.default_distill_config()
 
     config.eval = ml_collections.ConfigDict(dict(
-        policies=("sft", "rl"), splits=("test", "ood"), max_examples=256, batch_size=64))
+        policies=("sft", "rl"), splits=("test", "ood"), max_examples=256, batch_size=64,
+        # The eval-only mode (`eval_file` stage, variant `eval_file`): an ESCI-format JSONL judged by the
+        # checkpoints of a finished run ("" = this workdir); rows "all" or a query-id split "train"/"test".
+        input_path="", checkpoint_workdir="", input_split="all", input_test_fraction=0.2))
 
     # Synthetic-language smoke run of the decoder and the training loop.
     config.lm_smoke = ml_collections.ConfigDict(dict(num_steps=60, seq_len=32, vocab_size=64, log_every=5))
@@ -80,6 +85,10 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
         config.stages = ("lm_smoke",)
         config.lm_smoke.num_steps = 10
         config.optim.update(warmup_steps=2, schedule="constant", batch_size=16)
+    elif variant == "eval_file":
+        config.stages = ("eval_file",)
+        config.eval.policies = ("rl",)
     elif variant != "cpu":
-        raise ValueError(f"unknown variant {variant!r} of configs/relevance.py; choose cpu, micro or smoke")
+        raise ValueError(f"unknown variant {variant!r} of configs/relevance.py; choose cpu, micro, smoke or "
+                         f"eval_file")
     return config

@@ -12,7 +12,7 @@ from configs import relevance
 from graphgrpo_jax.data import batching, cot, esci, prepare
 from graphgrpo_jax.eval import relevance as relevance_eval, student as student_eval
 from graphgrpo_jax.models import decoder, encoder
-from graphgrpo_jax.train import distill, metrics
+from graphgrpo_jax.train import distill, evaluate, metrics
 
 HEADS = ("y", "ms", "ma")
 loss_fn = jax.jit(distill.distillation_loss, static_argnums=4)  # eager dispatch of each op is slower
@@ -263,3 +263,13 @@ def test_distillation_lowers_held_out_kl_on_every_head(tmp_path):
     for node in HEADS:
         assert student_eval.kl_divergence(teacher["test"][node], probs[node]).mean() == pytest.approx(kl[node],
                                                                                                      rel=1e-5)
+
+    # The eval-only mode scores the same held-out ESCI rows with the saved student, from the run's config.
+    (workdir / "config.json").write_text(config.to_json())
+    eval_config = relevance.get_config("eval_file")
+    eval_config.eval.update(input_path=str(esci_path), input_split="test", input_test_fraction=0.5,
+                            checkpoint_workdir=str(workdir), policies=("student",))
+    evaluated = evaluate.run_file(eval_config, str(tmp_path / "eval_only"))
+    assert evaluated["num_rows"] == len(test_labels)
+    assert evaluated["student"]["accuracy"] == pytest.approx(report["esci_test"]["student"]["accuracy"])
+    assert evaluated["student"]["macro_f1"] == pytest.approx(report["esci_test"]["student"]["macro_f1"])

@@ -89,3 +89,31 @@ def test_rl_resumes_exactly(workdir, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert [r["step"] for r in metrics.read_jsonl(str(resumed_dir / "rl" / "metrics.jsonl"))] == [1, 2, 3]
 
+
+
+def test_eval_only_mode_judges_an_esci_file(workdir, tmp_path, shared_data):
+    """The `eval_file` stage on the first real ESCI rows, with the micro run's checkpoints."""
+    rows = (shared_data / "esci-graded-subset" / "esci_pairs.jsonl").read_text().splitlines()[:12]
+    input_path = tmp_path / "esci_head.jsonl"
+    input_path.write_text("\n".join(rows) + "\n")
+    config = relevance.get_config("eval_file")
+    config.eval.update(input_path=str(input_path), checkpoint_workdir=str(workdir), policies=("sft", "rl"))
+    main.run(config, str(tmp_path / "eval_only"))
+
+    results = json.load(open(tmp_path / "eval_only" / "eval" / "esci_head.json"))
+    assert results["num_rows"] == 12 and results["skipped_rows"] == {}
+    gold = [{"E": "Exact", "S": "Substitute", "C": "Complement", "I": "Irrelevant"}[json.loads(r)["esci_label"]]
+            for r in rows]
+    for policy in ("sft", "rl"):
+        counts = np.asarray(results[policy]["confusion_matrix"]["counts"])
+        assert counts.sum(axis=1).tolist() == [gold.count(label) for label in results[policy]["per_class"]]
+
+
+def test_eval_only_mode_names_a_bad_row(workdir, tmp_path):
+    input_path = tmp_path / "bad.jsonl"
+    input_path.write_text(json.dumps({"query_id": 1, "query": "q", "product_id": "p", "product_title": "t",
+                                      "esci_label": "E"}) + "\n" + json.dumps({"query_id": 2, "query": "q"}) + "\n")
+    config = relevance.get_config("eval_file")
+    config.eval.update(input_path=str(input_path), checkpoint_workdir=str(workdir))
+    with pytest.raises(ValueError, match=r"bad\.jsonl, row 2, field 'product_id'"):
+        main.run(config, str(tmp_path / "eval_only"))
