@@ -5,6 +5,8 @@ The `tiny` and `small` presets are trained from scratch on CPU; the Qwen presets
 of the public checkpoints, so that `graphgrpo_jax.models.hf` can import their safetensors.
 """
 
+import json
+
 import ml_collections
 
 # Architecture fields shared by the Qwen2 / Qwen2.5 / Qwen3 / Llama family (see models/decoder.py).
@@ -69,3 +71,26 @@ def mesh_config(name: str = "single") -> ml_collections.ConfigDict:
     if name not in MESH_PRESETS:
         raise ValueError(f"unknown mesh preset {name!r}; choose one of {sorted(MESH_PRESETS)}")
     return ml_collections.ConfigDict(dict(MESH_PRESETS[name], preset=name))
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
+    """Applies `key=value` strings (an experiment script's `--set` flags) to `config` in place.
+
+    Values are read as JSON where they parse (`rl.num_steps=100`, `eval.splits=["test"]`), else kept as
+    strings (`credit.variant=outcome`); an unknown key fails, naming it.
+    """
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep:
+            raise ValueError(f"override {override!r} is not key=value")
+        node = config
+        for part in key.split("."):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                raise KeyError(f"override {override!r}: the config has no field {key!r}")
+            node = node[part]
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        config.update_from_flattened_dict({key: tuple(parsed) if isinstance(parsed, list) else parsed})
+    return config

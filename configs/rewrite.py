@@ -11,8 +11,9 @@ Variants:
              python -m graphgrpo_jax.main --config=configs/rewrite.py:gpu --workdir=runs/rewrite_gpu \
                --config.model.hf_checkpoint=/path/to/Qwen2.5-0.5B
   tpu_pod  Qwen2.5-1.5B from its checkpoint, bf16, FSDP + tensor parallel over a pod slice; run the same
-           command on every host:
-             python -m graphgrpo_jax.main --config=configs/rewrite.py:tpu_pod --workdir=gs://bucket/rewrite \
+           command on every host (JAX finds the other hosts itself, `config.mesh.distributed`); the
+           workdir must be a folder every host sees (a gcsfuse mount of a bucket, an NFS share):
+             python -m graphgrpo_jax.main --config=configs/rewrite.py:tpu_pod --workdir=/mnt/gcs/rewrite \
                --config.model.hf_checkpoint=/path/to/Qwen2.5-1.5B
 
 Ablations are overrides:
@@ -23,6 +24,7 @@ Ablations are overrides:
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from configs import common
 from graphgrpo_jax.graph import controller, credit
@@ -59,8 +61,10 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
     config.checkpoint = ml_collections.ConfigDict(dict(save_every=100, max_to_keep=2))
 
     # Stage 1: multi-task SFT, rewrite generation and query-rewrite tagging mixed per batch.
+    # `labelled_fraction`: the share of training queries with teacher rewrites and tags (by query-id
+    # hash); with `config.rewrite.rl_queries = "unlabelled"`, GRPO learns on the others from rewards alone.
     config.rewrite_sft = ml_collections.ConfigDict(dict(
-        num_steps=1200, task_mix=dict(rewrite=1.0, tag=1.0), log_every=50))
+        num_steps=1200, task_mix=dict(rewrite=1.0, tag=1.0), labelled_fraction=1.0, log_every=50))
 
     # Stage 2: GRPO on the fused reward; the shared loop with a one-node graph is plain outcome GRPO.
     config.graph = one_node_graph()
@@ -92,8 +96,12 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
         # Real checkpoints: the model shape is the checkpoint's; its weights and tokenizer come from
         # `model.hf_checkpoint` (a folder with config.json, *.safetensors and tokenizer.json).
         preset = {"gpu": "qwen2.5-0.5b", "tpu_pod": "qwen2.5-1.5b"}[variant]
-        config.model = common.model_config(preset, hf_checkpoint="")
+        checkpoint = config_dict.FieldReference("")  # one override sets weights and tokenizer
+        config.model = common.model_config(preset)
+        config.model.hf_checkpoint = checkpoint
+        config.tokenizer.hf_checkpoint = checkpoint
         config.mesh = common.mesh_config({"gpu": "data", "tpu_pod": "fsdp_tensor"}[variant])
+        config.mesh.distributed = variant == "tpu_pod"  # a pod slice is one job over all its hosts
         config.world.num_queries = 5000
         config.data.update(max_prompt_len=96, max_response_len=32)
         config.optim.update(learning_rate=1e-5, warmup_steps=50, batch_size=64 if variant == "gpu" else 256)

@@ -24,7 +24,7 @@ import shutil
 import numpy as np
 from absl import app, flags, logging
 
-from configs import relevance
+from configs import common, relevance
 from graphgrpo_jax import main as main_lib
 from graphgrpo_jax.eval import report
 from graphgrpo_jax.graph import credit
@@ -57,19 +57,8 @@ METHODS = {
 OWN_SFT = {"graph_default_no_cot_mask": ("sft_no_cot_mask", lambda c: c.sft.update(p_mask=0.0))}
 
 
-def _parse(value: str):
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError:
-        return value
-
-
 def base_config():
-    config = relevance.get_config("cpu")
-    for override in _OVERRIDES.value:
-        key, value = override.split("=", 1)
-        config.update_from_flattened_dict({key: _parse(value)})
-    return config
+    return common.apply_overrides(relevance.get_config("cpu"), _OVERRIDES.value)
 
 
 def sft_dir(base: str, method: str) -> str:

@@ -17,7 +17,7 @@ import shutil
 import numpy as np
 from absl import app, flags
 
-from configs import rewrite as rewrite_configs
+from configs import common, rewrite as rewrite_configs
 from graphgrpo_jax import main as pipeline
 from graphgrpo_jax.rl import rewards
 
@@ -26,6 +26,7 @@ _VARIANT = flags.DEFINE_string("variant", "cpu", "Variant of configs/rewrite.py.
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds.")
 _FUSIONS = flags.DEFINE_list("fusions", list(rewards.FUSION_MODES), "GRPO reward variants.")
 _SPLIT = flags.DEFINE_string("split", "test", "Held-out split of the table (test or ood).")
+_OVERRIDES = flags.DEFINE_multi_string("set", [], "Config overrides for every run, e.g. rl.num_steps=100.")
 
 METRICS = ("accuracy", "recall", "relevance")
 
@@ -38,6 +39,7 @@ def _run(workdir: str, seed: int, stages: tuple[str, ...], policies: tuple[str, 
         config.seed = seed
         config.stages = stages
         config.rewrite_eval.policies = policies
+        common.apply_overrides(config, _OVERRIDES.value)
         config.update_from_flattened_dict(overrides)
         pipeline.run(config, workdir)
     with open(report) as f:

@@ -205,6 +205,28 @@ def test_sft_examples(world):
     assert answers == [t.tag for t in tags] and set(answers) == set(cot.REWRITE_TAGS)
 
 
+def test_labelled_queries_split_sft_from_rl(world):
+    """SFT sees a stable share of the training queries (and their tags); RL can take exactly the rest."""
+    queries = world.split_queries("train")
+    examples = rewrite.sft_examples(world, "train", labelled_fraction=0.3)
+    labelled = {q.query_id for q in queries if rewrite_task.is_labelled(q.query_id, 0.3)}
+    assert examples["rewrite"][1] == [q.gold_rewrite for q in queries if q.query_id in labelled]
+    assert examples["tag"][1] == [t.tag for t in world.split_rewrite_tags("train") if t.query_id in labelled]
+    assert abs(len(labelled) / len(queries) - 0.3) < 3 * (0.3 * 0.7 / len(queries)) ** 0.5 + 0.02
+    assert all(rewrite_task.is_labelled(q.query_id, 1.0) for q in queries)
+
+    config = rewrite_configs.get_config("micro")
+    config.rewrite_sft.labelled_fraction = 0.3
+    config.rewrite.rl_queries = "unlabelled"
+    task = rewrite_task.RewriteTask(config, world, engine=FakeEngine({}), judge=None)
+    assert {q.query_id for q in task.queries} == {q.query_id for q in queries} - labelled
+    config.rewrite_sft.labelled_fraction = 1.0
+    with pytest.raises(ValueError, match="no training queries left for RL"):
+        rewrite_task.RewriteTask(config, world, engine=FakeEngine({}), judge=None)
+    with pytest.raises(ValueError, match="labelled_fraction = 0"):
+        rewrite_task.is_labelled("q1", 0.0)
+
+
 # ------------------------------------------------------------------------------------ end to end
 
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from graphgrpo_jax.data import batching, cot, prepare
+from graphgrpo_jax.data import batching, cot, esci, prepare
 from graphgrpo_jax.models import decoder
 from graphgrpo_jax.rl import rewards as rewards_lib
 from graphgrpo_jax.rl.rollout import Scored
@@ -115,7 +115,19 @@ def default_rewrite_config() -> ml_collections.ConfigDict:
         rule=dict(min_words=rewards_lib.DEFAULT_MIN_WORDS, max_words=rewards_lib.DEFAULT_MAX_WORDS,
                   max_chars=rewards_lib.DEFAULT_MAX_CHARS, max_word_repeats=rewards_lib.DEFAULT_MAX_WORD_REPEATS),
         judge_batch_size=32,  # (query, rewrite) pairs per judge call; each pair is 3 rows
+        # The training queries RL rewrites: "all", or "unlabelled", those without a teacher rewrite in SFT
+        # (see `labelled_fraction` in config.rewrite_sft), which RL learns from only through the rewards.
+        rl_queries="all",
     ))
+
+
+def is_labelled(query_id: str, labelled_fraction: float) -> bool:
+    """Whether a training query has a teacher rewrite for SFT: a stable `labelled_fraction` share of the
+    query ids, by hash (paper B's setting: teacher labels are scarce, search feedback is not)."""
+    if not 0.0 < labelled_fraction <= 1.0:
+        raise ValueError(f"config.rewrite_sft.labelled_fraction = {labelled_fraction}: must be in (0, 1]")
+    # `query_split` puts a `test_fraction` share of ids, by hash, in "test": here, the unlabelled share.
+    return esci.query_split(query_id, 1.0 - labelled_fraction) == "train"
 
 
 class RewriteTask:
@@ -136,6 +148,14 @@ class RewriteTask:
                              f"{rewards_lib.FUSION_MODES}")
         self.world = world
         self.queries = world.split_queries("train")
+        if self.cfg.rl_queries == "unlabelled":
+            fraction = config.rewrite_sft.labelled_fraction
+            self.queries = [q for q in self.queries if not is_labelled(q.query_id, fraction)]
+        elif self.cfg.rl_queries != "all":
+            raise ValueError(f"config.rewrite.rl_queries = {self.cfg.rl_queries!r}: choose 'all' or 'unlabelled'")
+        if not self.queries:
+            raise ValueError("no training queries left for RL: config.rewrite_sft.labelled_fraction = 1 labels "
+                             "them all; lower it or set config.rewrite.rl_queries = 'all'")
         self.engine = engine
         self.judge = judge
 

@@ -19,20 +19,19 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
 from graphgrpo_jax.data import batching, cot, prepare, world as world_lib
 from graphgrpo_jax.eval import rewrite as rewrite_eval
-from graphgrpo_jax.models import decoder, hf
+from graphgrpo_jax.models import decoder
+from graphgrpo_jax.rl import rewrite_task
 from graphgrpo_jax.rl.rewrite_task import index_dir
 from graphgrpo_jax.search.engine import MANIFEST, SearchEngine
-from graphgrpo_jax.train import loop, rl, sft, state as state_lib
+from graphgrpo_jax.train import rl, sft
 
 SFT_TASKS = ("rewrite", "tag")
-_BATCH_KEYS = ("tokens", "attention_mask", "loss_mask", "node_ids")
 
 
 # ------------------------------------------------------------------------------------------- index
@@ -56,10 +55,12 @@ def build_index(config: ml_collections.ConfigDict, workdir: str) -> SearchEngine
 # --------------------------------------------------------------------------------------------- SFT
 
 
-def sft_examples(world: world_lib.World, split: str) -> dict[str, tuple[list[str], list[str]]]:
-    """(prompts, responses) of each SFT task on a split's queries and rewrite tags."""
-    queries = world.split_queries(split)
-    tags = world.split_rewrite_tags(split)
+def sft_examples(world: world_lib.World, split: str, labelled_fraction: float = 1.0
+                 ) -> dict[str, tuple[list[str], list[str]]]:
+    """(prompts, responses) of each SFT task on a split's queries and rewrite tags; with
+    `labelled_fraction` < 1, only those of the queries that have teacher labels (`rewrite_task.is_labelled`)."""
+    queries = [q for q in world.split_queries(split) if rewrite_task.is_labelled(q.query_id, labelled_fraction)]
+    tags = [t for t in world.split_rewrite_tags(split) if rewrite_task.is_labelled(t.query_id, labelled_fraction)]
     return {
         "rewrite": ([cot.rewrite_prompt(q.text) for q in queries], [q.gold_rewrite for q in queries]),
         "tag": ([cot.tag_prompt(t.query, t.rewrite) for t in tags], [t.tag for t in tags]),
@@ -82,51 +83,37 @@ def task_counts(task_mix: ml_collections.ConfigDict | dict, batch_size: int) -> 
     return dict(zip(SFT_TASKS, counts.tolist()))
 
 
-def initial_state(config: ml_collections.ConfigDict, model_config: decoder.DecoderConfig, num_steps: int):
-    """A fresh SFT state and its optimizer: params from `config.model.hf_checkpoint` when it names a
-    Hugging Face checkpoint folder, else from the seed."""
-    state, optimizer = sft.init_state(config, model_config, num_steps)
-    checkpoint = config.model.get("hf_checkpoint")
-    if checkpoint:
-        params = jax.device_put(hf.load_params(checkpoint, model_config))
-        state = state_lib.create_state(params, optimizer, state["rng"])
-    return state, optimizer
-
-
 def run_sft(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """The `rewrite_sft` stage: multi-task SFT, saved as stage `sft` (the policy the RL stage starts from)."""
     cfg = config.rewrite_sft
     world, tokenizer = prepare.load_world(config), prepare.load_tokenizer(config, workdir)
-    model_config = decoder.DecoderConfig.from_config(config.model)
     counts = task_counts(cfg.task_mix, config.optim.batch_size)
-    examples = sft_examples(world, "train")
-    data = {task: batching.encode_sft(tokenizer, *examples[task], config.data.max_prompt_len,
-                                      config.data.max_response_len, nodes=())
-            for task in SFT_TASKS if counts[task]}
-    for task, arrays in data.items():
+    examples = sft_examples(world, "train", cfg.labelled_fraction)
+    encoded = {task: batching.encode_sft(tokenizer, *examples[task], config.data.max_prompt_len,
+                                         config.data.max_response_len, nodes=())
+               for task in SFT_TASKS if counts[task]}
+    for task, arrays in encoded.items():
         if not len(arrays["tokens"]):
             raise ValueError(f"config.rewrite_sft.task_mix gives task {task!r} weight but the world has "
                              f"no {task} examples in its train split")
     logging.info("rewrite SFT: %s rows per batch from %s examples", counts,
-                 {task: len(arrays["tokens"]) for task, arrays in data.items()})
-    state, optimizer = initial_state(config, model_config, cfg.num_steps)
-    # No CoT nodes in these responses (node ids all -1) and no masking: every response token is trained.
-    step_fn = jax.jit(sft.make_train_step(model_config, optimizer, label_node=0, num_nodes=1, p_mask=0.0,
-                                          mask_unit="token"), donate_argnums=0)
+                 {task: len(arrays["tokens"]) for task, arrays in encoded.items()})
+    # One table of both tasks' rows (padded to the same shapes), so a batch is a set of row indices that
+    # each process can slice to the rows it loads.
+    data = {k: np.concatenate([arrays[k] for arrays in encoded.values()]) for k in sft.BATCH_KEYS}
+    offsets = dict(zip(encoded, np.cumsum([0] + [len(arrays["tokens"]) for arrays in encoded.values()])))
 
-    def batch_fn(step: int) -> dict:
+    def sample_rows(step: int) -> np.ndarray:
         rng = np.random.default_rng([config.seed, 1, step])
-        parts = []
-        for task, arrays in data.items():
+        rows = []
+        for task, arrays in encoded.items():
             size = len(arrays["tokens"])
-            rows = rng.choice(size, counts[task], replace=counts[task] > size)
-            parts.append({k: arrays[k][rows] for k in _BATCH_KEYS})
-        return {k: np.concatenate([part[k] for part in parts]).astype(bool if k.endswith("mask") else np.int32)
-                for k in _BATCH_KEYS}
+            rows.append(offsets[task] + rng.choice(size, counts[task], replace=counts[task] > size))
+        return np.concatenate(rows)
 
-    return loop.fit(state, step_fn, batch_fn, num_steps=cfg.num_steps, workdir=workdir, stage="sft",
-                    save_every=config.checkpoint.save_every, max_to_keep=config.checkpoint.max_to_keep,
-                    log_every=cfg.log_every, progress_keys=("sft/loss",))
+    # No CoT nodes in these responses (node ids all -1) and no masking: every response token is trained.
+    return sft.fit(config, workdir, data, sample_rows, cfg.num_steps, cfg.log_every, label_node=0, num_nodes=1,
+                   p_mask=0.0, mask_unit="token")
 
 
 # -------------------------------------------------------------------------------------------- eval
