@@ -31,9 +31,15 @@ EXTRAS = {
         "pytest==9.2.0",
         "hypothesis==6.170.17",
         "tensorboard==2.21.0",  # reads event files back in tests
+        # executes the Colab notebooks top to bottom (tests/test_notebooks.py)
+        "nbclient==0.11.0",
+        "nbformat==5.11.1",
+        "ipykernel==7.4.0",
     ],
-    # Regenerates the committed HF parity fixtures and runs the peer benchmarks (CPU torch only).
+    # Regenerates the committed HF parity fixtures (CPU torch only).
     "torch": ["torch==2.13.0"],
+    # The peers of experiments/bench/: PyTorch, transformers.generate and TRL's GRPOTrainer.
+    "bench": ["torch==2.13.0", "trl==1.16.0", "accelerate==1.15.0", "datasets==5.2.0"],
 }
 
 setup(

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -111,6 +112,26 @@ class KVCache(NamedTuple):
     end: jax.Array  # [] int32: the next slot to write
 
 
+def matmul_2d(inputs: jax.Array, kernel: jax.Array, dimension_numbers, precision=None,
+              preferred_element_type=None) -> jax.Array:
+    """`lax.dot_general` for `nn.DenseGeneral` (trailing input axes against leading kernel axes), as one
+    2-D [tokens, fan_in] x [fan_in, fan_out] matmul.
+
+    Why: differentiating the batched form makes XLA:CPU transpose the [B, T, out] output gradient into
+    a copy as large as itself before the weight-gradient matmul; the 2-D form needs none, which halves
+    the time of that gradient. Same params and results as `lax.dot_general`.
+    """
+    (lhs_contract, rhs_contract), (lhs_batch, _) = dimension_numbers
+    num_in = len(lhs_contract)
+    if lhs_batch or tuple(lhs_contract) != tuple(range(inputs.ndim - num_in, inputs.ndim)) \
+            or tuple(rhs_contract) != tuple(range(num_in)):
+        raise ValueError(f"matmul_2d contracts trailing input axes with leading kernel axes, got {dimension_numbers}")
+    fan_in = math.prod(kernel.shape[:num_in])
+    out = jnp.dot(inputs.reshape(-1, fan_in), kernel.reshape(fan_in, -1), precision=precision,
+                  preferred_element_type=preferred_element_type)
+    return out.reshape(*inputs.shape[:inputs.ndim - num_in], *kernel.shape[num_in:])
+
+
 def _dense_init(names: tuple[str, ...]):
     return nn.with_logical_partitioning(nn.initializers.normal(_INIT_STDDEV), names)
 
@@ -175,7 +196,7 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, cos, sin, allowed, layer_cache, write_slot):
         cfg = self.config
-        dense = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+        dense = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, dot_general=matmul_2d)
 
         def projection(name, num, heads_axis):
             return nn.DenseGeneral((num, cfg.head_dim), use_bias=cfg.qkv_bias, name=name,
@@ -186,7 +207,8 @@ class Attention(nn.Module):
         k = projection("k_proj", cfg.num_kv_heads, "kv_heads")
         v = projection("v_proj", cfg.num_kv_heads, "kv_heads")
         if cfg.qk_norm:
-            norm = dict(eps=cfg.rms_norm_eps, axis_name="head_dim", **dense)
+            norm = dict(eps=cfg.rms_norm_eps, axis_name="head_dim", dtype=cfg.compute_dtype,
+                        param_dtype=cfg.weight_dtype)
             q = RMSNorm(name="q_norm", **norm)(q)
             k = RMSNorm(name="k_norm", **norm)(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -209,7 +231,7 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        dense = dict(use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+        dense = dict(use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, dot_general=matmul_2d)
         gate = nn.DenseGeneral(cfg.mlp_dim, name="gate_proj", kernel_init=_dense_init(("embed", "mlp")), **dense)(x)
         up = nn.DenseGeneral(cfg.mlp_dim, name="up_proj", kernel_init=_dense_init(("embed", "mlp")), **dense)(x)
         return nn.DenseGeneral(cfg.hidden_size, name="down_proj", kernel_init=_dense_init(("mlp", "embed")),
@@ -286,11 +308,12 @@ class Decoder(nn.Module):
         """fp32 logits [..., V] of final hidden states [..., D] (matmul in the compute dtype, fp32 accumulate)."""
         cfg = self.config
         if cfg.tie_embeddings:
-            head, spec = self.embed_tokens, "...d,vd->...v"
+            head, spec = self.embed_tokens, "nd,vd->nv"
         else:
-            head, spec = self.lm_head, "...d,dv->...v"
-        return jnp.einsum(spec, hidden.astype(cfg.compute_dtype), head.astype(cfg.compute_dtype),
-                          preferred_element_type=jnp.float32)
+            head, spec = self.lm_head, "nd,dv->nv"
+        flat = hidden.reshape(-1, cfg.hidden_size).astype(cfg.compute_dtype)  # 2-D: see `matmul_2d`
+        logits = jnp.einsum(spec, flat, head.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
+        return logits.reshape(*hidden.shape[:-1], cfg.vocab_size)
 
 
 def _all_logits(module: Decoder, tokens, attention_mask):

@@ -1,0 +1,238 @@
+"""A whole GRPO step, ours vs TRL's `GRPOTrainer`: same model, prompts, group, lengths, reward, β = 0.
+
+    python experiments/bench/bench_grpo_step.py                    # small preset, 8 prompts x 8, 64 tokens
+    python experiments/bench/bench_grpo_step.py --prompts 16 --reps 7
+
+A step is: sample G completions of each prompt, decode them, score them on the host, compute group
+advantages, and take one AdamW step on the clipped policy loss. Ours is the path of `train/rl.py`
+(`sampling.generate` → `rollout.assemble` → `spec.encode_rollouts` → the jitted `make_update`, with
+outcome credit, i.e. plain GRPO); TRL's is `GRPOTrainer.train()` on the same weights (exported through
+`models/hf.py`), the same tokenizer and prompts, and the same reward function. Option values are set
+identically on both sides (TRL's names): β = 0, μ = 1, ε = 0.2 both ways, loss_type `dapo`,
+group-scaled rewards, truncated completions kept, temperature 1, top-k 50, top-p 0.95, learning rate
+1e-5 with global-norm clipping at 1. Completions stop at EOS on both sides (random weights rarely emit it).
+
+The two sides alternate inside TRL's own loop: a trainer callback runs and times one of our steps after
+each of TRL's, and a TRL step is the wall time between two of our steps (data loading, generation,
+scoring, loss, backward, optimizer, its bookkeeping). The first step of each side is the warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from graphgrpo_jax import sampling, tokenization  # noqa: E402
+from graphgrpo_jax.data import cot, prepare, world as world_lib  # noqa: E402
+from graphgrpo_jax.graph import credit as credit_lib, spec as spec_lib  # noqa: E402
+from graphgrpo_jax.models import decoder  # noqa: E402
+from graphgrpo_jax.rl import grpo, rollout  # noqa: E402
+from graphgrpo_jax.train import rl, state as state_lib  # noqa: E402
+
+KNOBS = sampling.SamplingParams(temperature=1.0, top_k=50, top_p=0.95)
+LEARNING_RATE = 1e-5
+
+
+def letter_share(text: str) -> float:
+    """The reward of both sides: the share of letters in a completion (cheap, and spread within a group)."""
+    return sum(c.isalpha() for c in text) / max(len(text), 1)
+
+
+def tokenizer_and_prompts(vocab_size: int, folder: str, max_len: int) -> tuple[object, list[str]]:
+    """The project's byte-level BPE trained on the synthetic world, and the world's relevance prompts
+    of at most `max_len` tokens."""
+    world = world_lib.build_world()
+    tokenizer = tokenization.train_tokenizer(prepare.corpus(world), vocab_size, folder,
+                                             extra_special_tokens=prepare.node_tags())
+    prompts = [cot.prompt_text(p.query, p.product_title) for p in world.pairs]
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    return tokenizer, [p for p, n in zip(prompts, lengths) if n <= max_len]
+
+
+class LetterShareTask:
+    """A task for `rollout.assemble`: the `letter_share` reward, no CoT nodes (outcome GRPO)."""
+
+    def __init__(self, spec: spec_lib.GraphSpec):
+        self.spec = spec
+
+    def score(self, rows: np.ndarray, texts: list[str], offsets: list[np.ndarray]) -> rollout.Scored:
+        return rollout.Scored(
+            rewards=np.asarray([letter_share(t) for t in texts], np.float32),
+            node_values=np.full((len(texts), self.spec.num_nodes), -1, np.int32),
+            node_ids=[np.full(len(o), -1, np.int32) for o in offsets],
+            gold_label=None, format_valid=np.ones(len(texts), bool))
+
+
+def grpo_options(group: int, completion_len: int) -> ml_collections.ConfigDict:
+    cfg = grpo.default_grpo_config()
+    cfg.update(num_generations=group, epsilon=0.2, epsilon_high=0.2, beta=0.0, loss_type="dapo",
+               scale_rewards="group", num_iterations=1, mask_truncated_completions=False,
+               max_completion_length=completion_len)
+    grpo.validate_grpo_config(cfg)
+    return cfg
+
+
+def our_grpo_step(params: decoder.Params, config: decoder.DecoderConfig, tokenizer, prompts: Sequence[str], *,
+                  num_prompts: int, group: int, completion_len: int, prompt_len: int,
+                  phases: dict[str, list[float]] | None = None) -> Callable[[], dict]:
+    """A closure taking one whole GRPO step on its own copy of the params, prompts in order, per call.
+
+    With `phases`, each call appends the seconds it spent sampling, on the host (decode, reward,
+    layout, graph encoding) and updating to `phases["sample"]`, `["host"]` and `["update"]`.
+    """
+    spec = spec_lib.graph_spec(spec_lib.default_graph_config())
+    settings = credit_lib.CreditSettings(variant="outcome")
+    optimizer = state_lib.make_optimizer(ml_collections.ConfigDict(
+        dict(learning_rate=LEARNING_RATE, grad_clip=1.0, b1=0.9, b2=0.999, weight_decay=0.0)), num_steps=1)
+    update = rl.make_update(config, grpo_options(group, completion_len), spec, settings, optimizer)
+    state = state_lib.create_state(jax.tree_util.tree_map(jnp.copy, params), optimizer, jax.random.key(0))
+    phi = jnp.asarray(spec.phi_init, jnp.float32)
+    tokens, mask = tokenization.encode_batch(tokenizer, prompts, prompt_len)
+    task, pieces = LetterShareTask(spec), rollout.TokenPieces(tokenizer)
+    step = {"count": 0}
+
+    def run() -> dict:
+        marks = [time.perf_counter()]
+        first = step["count"] * num_prompts % len(prompts)
+        rows = np.repeat(np.arange(first, first + num_prompts) % len(prompts), group)
+        state["rng"], sample_rng = jax.random.split(state["rng"])
+        out = jax.device_get(sampling.generate(state["params"], config, jnp.asarray(tokens[rows]),
+                                               jnp.asarray(mask[rows]), sample_rng, max_new_tokens=completion_len,
+                                               eos_ids=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                                               sampling=KNOBS))
+        marks.append(time.perf_counter())
+        batch = rollout.assemble(task, pieces, rows, tokens[rows], mask[rows], out.tokens, out.lengths,
+                                 out.truncated)
+        graph = spec_lib.encode_rollouts(spec, batch.scored.rewards, batch.scored.node_values, None, group,
+                                         max_rollouts=len(rows) + 1)
+        marks.append(time.perf_counter())
+        state["params"], state["opt_state"], _, metrics = update(state["params"], state["opt_state"], phi,
+                                                                 batch.arrays(), graph, None)
+        metrics = jax.device_get(metrics)
+        marks.append(time.perf_counter())
+        step["count"] += 1
+        if phases is not None:
+            for name, start, end in zip(("sample", "host", "update"), marks, marks[1:]):
+                phases.setdefault(name, []).append(end - start)
+        return metrics
+    return run
+
+
+def trl_trainer(params: decoder.Params, config: decoder.DecoderConfig, tokenizer, prompts: Sequence[str], *,
+                num_prompts: int, group: int, completion_len: int, steps: int, callbacks: Sequence, folder: str):
+    """TRL's GRPOTrainer on the same weights, tokenizer, prompts (in order) and reward as ours."""
+    import datasets
+    import trl
+
+    model = common.torch_twin(params, config, pathlib.Path(folder) / "model",
+                              extra_config=dict(eos_token_id=tokenizer.eos_token_id,
+                                                pad_token_id=tokenizer.pad_token_id))
+    options = grpo_options(group, completion_len)
+    args = trl.GRPOConfig(
+        output_dir=str(pathlib.Path(folder) / "trl"), use_cpu=True, report_to="none", save_strategy="no",
+        seed=0, max_steps=steps, per_device_train_batch_size=num_prompts * group, gradient_accumulation_steps=1,
+        num_generations=group, max_completion_length=completion_len, temperature=float(KNOBS.temperature),
+        top_k=int(KNOBS.top_k), top_p=float(KNOBS.top_p), beta=options.beta, epsilon=options.epsilon,
+        epsilon_high=options.epsilon_high, loss_type=options.loss_type, scale_rewards=options.scale_rewards,
+        num_iterations=options.num_iterations, mask_truncated_completions=options.mask_truncated_completions,
+        learning_rate=LEARNING_RATE, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        max_grad_norm=1.0, shuffle_dataset=False, logging_steps=steps, disable_tqdm=True)
+
+    def reward(completions: list[str], **kwargs) -> list[float]:
+        return [letter_share(text) for text in completions]
+
+    dataset = datasets.Dataset.from_dict({"prompt": list(prompts)})
+    return trl.GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset,
+                           processing_class=tokenizer, callbacks=list(callbacks))
+
+
+def alternating_callback(ours: Callable[[], dict], times: dict[str, list[float]]):
+    """A TrainerCallback that runs one of our steps after each TRL step, timing both."""
+    import transformers
+
+    class Alternate(transformers.TrainerCallback):
+        def on_train_begin(self, *args, **kwargs):
+            self.mark = time.perf_counter()
+
+        def on_step_end(self, *args, **kwargs):
+            start = time.perf_counter()
+            times["trl"].append(start - self.mark)
+            ours()
+            self.mark = time.perf_counter()
+            times["ours"].append(self.mark - start)
+
+    return Alternate()
+
+
+def run(preset: str, num_prompts: int, group: int, completion_len: int, prompt_len: int, reps: int,
+        peers: bool) -> tuple[list[list[str]], list[str]]:
+    config, params = common.policy(preset)
+    folder = tempfile.mkdtemp(prefix="bench_grpo_")
+    tokenizer, prompts = tokenizer_and_prompts(config.vocab_size, str(pathlib.Path(folder) / "tokenizer"),
+                                               prompt_len)
+    prompts = prompts[:num_prompts * (reps + 1)]
+    phases = {}
+    ours = our_grpo_step(params, config, tokenizer, prompts, num_prompts=num_prompts, group=group,
+                         completion_len=completion_len, prompt_len=prompt_len, phases=phases)
+    if peers:
+        import torch
+        torch.manual_seed(0)
+        times = {"trl": [], "ours": []}
+        trainer = trl_trainer(params, config, tokenizer, prompts, num_prompts=num_prompts, group=group,
+                              completion_len=completion_len, steps=reps + 1,
+                              callbacks=[alternating_callback(ours, times)], folder=folder)
+        trainer.train()
+        timing = {name: common.Timing(t[0], tuple(t[1:])) for name, t in times.items()}
+    else:
+        timing = common.timed_pairs({"ours": ours}, reps)
+    rollouts = num_prompts * group
+    rows = [[side, f"{t.first_s:.1f}", f"{t.median_s:.2f}", f"{rollouts / t.median_s:.1f}",
+             f"{rollouts * completion_len / t.median_s:,.0f}"] for side, t in timing.items()]
+    notes = [f"{preset} preset; {num_prompts} prompts × {group} generations, up to {completion_len} completion "
+             f"tokens, prompts left-padded to {prompt_len} on our side (TRL pads to the batch's longest); "
+             f"β = 0, μ = 1; medians of {reps} steps after one warm-up step each, sides alternating.",
+             "Our step, median seconds by phase: " + ", ".join(
+                 f"{name} {statistics.median(t[1:]):.2f}" for name, t in phases.items()) + "."]
+    if peers:
+        notes.insert(0, f"**ours vs TRL: {common.ratio(timing['ours'].median_s, timing['trl'].median_s)}** "
+                        f"(TRL median step / our median step).")
+    return rows, notes
+
+
+HEADER = ["side", "first step s", "median step s", "rollouts/s", "completion tokens/s (upper bound)"]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--group", type=int, default=8)
+    parser.add_argument("--completion_len", type=int, default=64)
+    parser.add_argument("--prompt_len", type=int, default=32)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--no_peers", action="store_true", help="time our step only")
+    parser.add_argument("--no_save", action="store_true", help="print only; do not append to results/")
+    args = parser.parse_args(argv)
+    peers = common.peers_available() and not args.no_peers
+    rows, notes = run(args.preset, args.prompts, args.group, args.completion_len, args.prompt_len, args.reps,
+                      peers)
+    common.report("grpo_step", "python experiments/bench/bench_grpo_step.py " + " ".join(sys.argv[1:]),
+                  common.markdown_table(HEADER, rows), notes,
+                  results_dir=None if args.no_save else common.RESULTS_DIR)
+
+
+if __name__ == "__main__":
+    main()

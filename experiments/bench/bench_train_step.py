@@ -1,0 +1,142 @@
+"""Training step: our jitted SFT step vs a PyTorch forward + backward + AdamW of the same HF model.
+
+    python experiments/bench/bench_train_step.py                   # small preset, batch 16 x 128
+    python experiments/bench/bench_train_step.py --batch 32 --reps 7
+
+Ours is `train/sft.make_train_step` (mean next-token NLL, global-norm clipping at 1, AdamW b2 0.95, no
+weight decay), jitted with the state donated. Theirs is the loop a PyTorch user writes around the same
+weights loaded as `Qwen2ForCausalLM` (exported with `models/hf.py`): `model(ids, labels=ids).loss`,
+`backward()`, `clip_grad_norm_(1.0)`, `torch.optim.AdamW` with the same settings. Both see one fixed
+batch of random tokens, alternate, and report medians over `--reps`; the first losses must agree (same
+weights, same data), which the table's notes show. Achieved FLOP/s (analytic 6·N·tokens + attention) is
+also given as a share of an n³ fp32 matmul timed in the same run, the machine's practical peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from graphgrpo_jax.models import decoder  # noqa: E402
+from graphgrpo_jax.train import sft, state as state_lib  # noqa: E402
+
+OPTIM = ml_collections.ConfigDict(dict(learning_rate=1e-4, grad_clip=1.0, b1=0.9, b2=0.95, weight_decay=0.0))
+
+
+def sft_batch(batch: int, length: int, vocab_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random full-length rows; every token after the first is supervised (what `labels=ids` means in HF)."""
+    tokens = np.random.default_rng(seed).integers(0, vocab_size, size=(batch, length)).astype(np.int32)
+    loss_mask = np.ones((batch, length), bool)
+    loss_mask[:, 0] = False  # nothing predicts the first token
+    return {"tokens": tokens, "attention_mask": np.ones((batch, length), bool), "loss_mask": loss_mask,
+            "node_ids": np.full((batch, length), -1, np.int32)}
+
+
+def our_step(params: decoder.Params, config: decoder.DecoderConfig, batch: dict[str, np.ndarray]
+             ) -> tuple[Callable[[], jax.Array], list[float]]:
+    """A closure running one jitted SFT step on its own copy of the params; records each loss."""
+    optimizer = state_lib.make_optimizer(OPTIM, num_steps=1)
+    step = jax.jit(sft.make_train_step(config, optimizer, label_node=0, num_nodes=1, p_mask=0.0,
+                                       mask_unit="token"), donate_argnums=0)
+    state = {"value": state_lib.create_state(jax.tree_util.tree_map(jnp.copy, params), optimizer,
+                                             jax.random.key(0))}
+    batch = jax.device_put(batch)
+    losses = []
+
+    def run() -> jax.Array:
+        state["value"], metrics = step(state["value"], batch)
+        losses.append(metrics["sft/loss"])
+        return metrics["sft/loss"]
+    return run, losses
+
+
+def torch_step(model, batch: dict[str, np.ndarray]) -> tuple[Callable[[], None], list[float]]:
+    import torch
+
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=OPTIM.learning_rate, betas=(OPTIM.b1, OPTIM.b2),
+                                  weight_decay=OPTIM.weight_decay)
+    ids = torch.from_numpy(batch["tokens"].astype(np.int64))
+    losses = []
+
+    def run() -> None:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), OPTIM.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return run, losses
+
+
+def run(preset: str, batch_size: int, length: int, matmul_n: int, reps: int, peers: bool
+        ) -> tuple[list[list[str]], list[str]]:
+    config, params = common.policy(preset)
+    batch = sft_batch(batch_size, length, config.vocab_size)
+    ours, our_losses = our_step(params, config, batch)
+    sides = {"ours": ours}
+    if peers:
+        import torch
+        torch.manual_seed(0)
+        theirs, their_losses = torch_step(common.torch_twin(params, config, tempfile.mkdtemp(prefix="bench_train_")),
+                                          batch)
+        sides["torch"] = theirs
+    timing = common.timed_pairs(sides, reps)
+    matmul = common.timed_pairs(common.matmul_sides(matmul_n, peers), reps)
+    matmul_flops = {name: 2 * matmul_n ** 3 / t.median_s for name, t in matmul.items()}
+    flops = common.analytic_train_flops(config, params, batch_size, length)
+
+    rows = []
+    for side, t in timing.items():
+        framework = "jax" if side == "ours" else "torch"
+        achieved = flops / t.median_s
+        rows.append([f"train step, {side} ({framework})", f"{t.first_s:.1f}", f"{t.median_s:.3f}",
+                     f"{batch_size * length / t.median_s:,.0f}", f"{achieved / 1e9:.1f}",
+                     f"{achieved / matmul_flops[framework]:.0%} of the {framework} matmul"])
+    for framework, t in matmul.items():
+        rows.append([f"matmul {matmul_n}³ fp32, {framework}", f"{t.first_s:.1f}", f"{t.median_s:.3f}", "",
+                     f"{matmul_flops[framework] / 1e9:.1f}", ""])
+    notes = [f"{preset} preset, batch {batch_size} × {length}, fp32, {flops / 1e9:.1f} GFLOP per step (6N + "
+             f"attention); medians of {reps}, sides alternating."]
+    if peers:
+        notes.insert(0, f"**ours vs torch: {common.ratio(timing['ours'].median_s, timing['torch'].median_s)}** "
+                        f"(torch median / our median).")
+        first = float(our_losses[0]), their_losses[0]
+        notes.append(f"Same work: first-step loss {first[0]:.6f} (ours) vs {first[1]:.6f} (torch), "
+                     f"last {float(our_losses[-1]):.6f} vs {their_losses[-1]:.6f}.")
+    return rows, notes
+
+
+HEADER = ["what", "first call s", "median s", "tokens/s", "GFLOP/s", "share of peak"]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--matmul_n", type=int, default=4096)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--no_peers", action="store_true", help="time our step only")
+    parser.add_argument("--no_save", action="store_true", help="print only; do not append to results/")
+    args = parser.parse_args(argv)
+    peers = common.peers_available() and not args.no_peers
+    rows, notes = run(args.preset, args.batch, args.length, args.matmul_n, args.reps, peers)
+    common.report("train_step", "python experiments/bench/bench_train_step.py " + " ".join(sys.argv[1:]),
+                  common.markdown_table(HEADER, rows), notes,
+                  results_dir=None if args.no_save else common.RESULTS_DIR)
+
+
+if __name__ == "__main__":
+    main()
