@@ -47,6 +47,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import tantivy
 
+from graphgrpo_jax import fileio
+
 Hit = tuple[str, float]  # (product id, BM25 score)
 
 MANIFEST = "engine.json"
@@ -143,7 +145,7 @@ class SearchEngine:
             writer.wait_merging_threads()
             manifest = dict(format=FORMAT, text_fields=text_fields, tokenizer=tokenizer)
             (staging / MANIFEST).write_text(json.dumps(dict(manifest, product_ids=product_ids)))
-            _move_into_place(staging, directory)
+            fileio.move_into_place(staging, directory)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -253,17 +255,6 @@ def _validated_catalogue(
         product_ids.append(product_id)
         documents.append(texts)
     return product_ids, documents
-
-
-def _move_into_place(staging: pathlib.Path, directory: pathlib.Path) -> None:
-    """Renames the finished build onto `directory`, replacing an old build only once the new one exists."""
-    if not directory.exists():
-        os.replace(staging, directory)
-        return
-    retired = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.retired-", dir=directory.parent))
-    os.replace(directory, retired / directory.name)
-    os.replace(staging, directory)
-    shutil.rmtree(retired)
 
 
 # ------------------------------------------------------------------------------------------- metrics

@@ -36,6 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 import tokenizers
 
+from graphgrpo_jax import fileio
+
 FORMAT = "graphgrpo_jax.search.serving/1"
 MODEL_FILE = "model.jax"
 WEIGHTS_FILE = "weights.npz"
@@ -104,7 +106,7 @@ def export_cross_encoder(directory: str | os.PathLike, logits_fn: LogitsFn, para
             np.savez(f, **{f"{i:05d}": np.asarray(leaf) for i, leaf in enumerate(leaves)})
         tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
         (staging / META_FILE).write_text(json.dumps(meta, indent=2))
-        _move_into_place(staging, directory)
+        fileio.move_into_place(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -180,12 +182,3 @@ def _as_dtype(array: np.ndarray, dtype: str) -> np.ndarray:
     return array if array.dtype == target else array.view(target)
 
 
-def _move_into_place(staging: pathlib.Path, directory: pathlib.Path) -> None:
-    """Renames the finished folder onto `directory`, replacing an old one only once the new one exists."""
-    if not directory.exists():
-        os.replace(staging, directory)
-        return
-    retired = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.retired-", dir=directory.parent))
-    os.replace(directory, retired / directory.name)
-    os.replace(staging, directory)
-    shutil.rmtree(retired)
