@@ -59,11 +59,7 @@ HEADER = ["setting", "prompts", "G", "completion tokens", "first step s (compile
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default="small")
-    parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--group", type=int, default=8)
-    parser.add_argument("--completion_len", type=int, default=64)
-    parser.add_argument("--prompt_len", type=int, default=32)
+    common.add_grpo_step_flags(parser)
     parser.add_argument("--factors", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--no_save", action="store_true", help="print only; do not append to results/")

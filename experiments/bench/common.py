@@ -170,3 +170,12 @@ def report(name: str, command: str, table: str, notes: Sequence[str] = (),
 def ratio(ours_s: float, peer_s: float) -> str:
     """How many times faster we are (peer time / our time)."""
     return f"{peer_s / ours_s:.2f}×"
+
+
+def add_grpo_step_flags(parser) -> None:
+    """The GRPO step's shape flags of `bench_grpo_step.py` and `bench_scaling.py` (defaults: the issue's sizes)."""
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--group", type=int, default=8)
+    parser.add_argument("--completion_len", type=int, default=64)
+    parser.add_argument("--prompt_len", type=int, default=32)
