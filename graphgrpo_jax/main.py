@@ -10,7 +10,6 @@ multi-host run joins its job here, before any stage runs (`train/mesh.py`).
 from __future__ import annotations
 
 import importlib
-import json
 import os
 
 import jax
@@ -58,12 +57,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
         module_name, function_name = STAGES[name].split(":")
         logging.info("stage %s", name)
         getattr(importlib.import_module(module_name), function_name)(config, workdir)
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a run wrote to its workdir (for notebooks and eval-only runs)."""
-    with open(os.path.join(workdir, "config.json")) as f:
-        return ml_collections.ConfigDict(json.load(f))
 
 
 def main(argv: list[str]) -> None:

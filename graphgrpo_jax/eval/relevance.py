@@ -9,6 +9,7 @@ are normalised over labels.
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,34 +24,54 @@ from graphgrpo_jax.rl import rollout
 
 
 @functools.partial(jax.jit, static_argnums=1)
-def _sequence_log_probs(params, model_config, tokens, attention_mask, score_mask):
-    logp = decoder.token_log_probs(params, model_config, tokens, attention_mask)
-    return (logp * score_mask).sum(axis=1)
+def _continuation_log_probs(params, model_config, tokens, attention_mask, score_mask):
+    return (decoder.token_log_probs(params, model_config, tokens, attention_mask) * score_mask).sum(axis=1)
 
 
-def label_probabilities(params, model_config, tokenizer, prompt_tokens: np.ndarray, prompt_mask: np.ndarray,
-                        prefixes: list[list[int]], labels: tuple[str, ...], response_len: int) -> np.ndarray:
-    """[B, L] probabilities of each label written as `<y>label</y>` after each row's response prefix."""
-    open_id, close_id = tokenizer.convert_tokens_to_ids(["<y>", "</y>"])
-    label_ids = [tokenizer(label, add_special_tokens=False)["input_ids"] for label in labels]
+def tag_ids(tokenizer, node: str) -> tuple[int, int]:
+    """Ids of `<node>` and `</node>`, which must be whole tokens (the CoT tags are added tokens)."""
+    vocab = tokenizer.get_vocab()
+    tags = (f"<{node}>", f"</{node}>")
+    missing = [tag for tag in tags if tag not in vocab]
+    if missing:
+        raise ValueError(f"the policy tokenizer has no token for {missing}: node tags must be whole tokens")
+    return vocab[tags[0]], vocab[tags[1]]
+
+
+def forced_value_probabilities(params, model_config: decoder.DecoderConfig, tokenizer, prompt_tokens: np.ndarray,
+                               prompt_mask: np.ndarray, prefixes: Mapping[str, Sequence[Sequence[int]]],
+                               node_values: Mapping[str, Sequence[str]], response_len: int
+                               ) -> dict[str, np.ndarray]:
+    """[B, C_v] probabilities per node v: each allowed value scored as the continuation `<v>value</v>` after
+    row b's response prefix for v (`prefixes[v][b]`), normalised over v's values.
+
+    The label's AUC (`judge`) and the distillation teacher (`train/distill.py`) both read it; every
+    (row, node, value) continuation goes through one forward pass.
+    """
     batch, prompt_len = prompt_tokens.shape
-    tokens = np.full((batch * len(labels), prompt_len + response_len), tokenizer.pad_token_id, np.int32)
+    continuations = []  # (row, node, token ids of "<v>value</v>"), node-major, then row, then value
+    for node, values in node_values.items():
+        open_id, close_id = tag_ids(tokenizer, node)
+        value_ids = [tokenizer(value, add_special_tokens=False)["input_ids"] for value in values]
+        continuations += [(b, node, [open_id, *ids, close_id]) for b in range(batch) for ids in value_ids]
+    tokens = np.full((len(continuations), prompt_len + response_len), tokenizer.pad_token_id, np.int32)
     mask = np.zeros(tokens.shape, bool)
     score = np.zeros(tokens.shape, np.float32)
-    for b, prefix in enumerate(prefixes):
-        for k, ids in enumerate(label_ids):
-            row = b * len(labels) + k
-            continuation = [open_id, *ids, close_id]
-            response = (list(prefix) + continuation)[-response_len:]
-            tokens[row, :prompt_len], mask[row, :prompt_len] = prompt_tokens[b], prompt_mask[b]
-            tokens[row, prompt_len:prompt_len + len(response)] = response
-            mask[row, prompt_len:prompt_len + len(response)] = True
-            start = prompt_len + len(response) - len(continuation) + 1  # after "<y>"
-            score[row, start:prompt_len + len(response)] = 1.0
-    scores = np.array(_sequence_log_probs(params, model_config, jnp.asarray(tokens), jnp.asarray(mask),
-                                            jnp.asarray(score))).reshape(batch, len(labels))
-    scores -= scores.max(axis=1, keepdims=True)
-    return np.exp(scores) / np.exp(scores).sum(axis=1, keepdims=True)
+    for row, (b, node, continuation) in enumerate(continuations):
+        response = (list(prefixes[node][b]) + continuation)[-response_len:]
+        end = prompt_len + len(response)
+        tokens[row, :prompt_len], mask[row, :prompt_len] = prompt_tokens[b], prompt_mask[b]
+        tokens[row, prompt_len:end], mask[row, prompt_len:end] = response, True
+        score[row, end - len(continuation) + 1:end] = 1.0  # the value and the close tag, not "<v>"
+    scores = np.asarray(_continuation_log_probs(params, model_config, jnp.asarray(tokens), jnp.asarray(mask),
+                                                jnp.asarray(score)), np.float64)
+    probabilities, start = {}, 0
+    for node, values in node_values.items():
+        node_scores = scores[start:start + batch * len(values)].reshape(batch, len(values))
+        start += batch * len(values)
+        node_scores = np.exp(node_scores - node_scores.max(axis=1, keepdims=True))
+        probabilities[node] = node_scores / node_scores.sum(axis=1, keepdims=True)
+    return probabilities
 
 
 def judge(params, config: ml_collections.ConfigDict, tokenizer, queries: list[str], titles: list[str],
@@ -85,8 +106,9 @@ def judge(params, config: ml_collections.ConfigDict, tokenizer, queries: list[st
                 preds.append(labels.index(label) if label in labels else -1)
                 texts.append(text)
             prefixes.append([] if label_first else (ids[:ids.index(open_y)] if open_y in ids else ids))
-        probs.append(label_probabilities(params, model_config, tokenizer, prompt_tokens, prompt_mask, prefixes,
-                                         labels, config.data.max_response_len)[:len(chunk)])
+        probs.append(forced_value_probabilities(params, model_config, tokenizer, prompt_tokens, prompt_mask,
+                                                {cot.LABEL_NODE: prefixes}, {cot.LABEL_NODE: labels},
+                                                config.data.max_response_len)[cot.LABEL_NODE][:len(chunk)])
     return np.asarray(preds), np.concatenate(probs), texts
 
 

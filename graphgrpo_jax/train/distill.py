@@ -5,8 +5,8 @@ Teacher. For every synthetic pair of the train and test splits, the policy's bel
 
 - `forced`: the policy writes its greedy chain of thought; for each node, every allowed value is scored as
   the continuation `<node>value</node>` after the greedy response up to that node's open tag (for `y` under
-  the label-first template: right after the prompt), and the scores are normalised over the values. For
-  `y` this is exactly `eval/relevance.label_probabilities`; `forced_value_probabilities` generalises it.
+  the label-first template: right after the prompt), and the scores are normalised over the values
+  (`eval/relevance.forced_value_probabilities`, the same scoring the evaluation's label AUC uses).
 - `samples`: the share of `num_samples` sampled chains of thought that wrote each value, plus
   `sample_smoothing` pseudo-counts per value, so that no value has zero mass and a node that no sample
   wrote is uniform.
@@ -44,7 +44,7 @@ import optax
 
 from graphgrpo_jax import sampling
 from graphgrpo_jax.data import batching, cot, esci, prepare
-from graphgrpo_jax.eval import classification, student as student_eval
+from graphgrpo_jax.eval import classification, relevance, student as student_eval
 from graphgrpo_jax.models import decoder, encoder
 from graphgrpo_jax.rl import rollout
 from graphgrpo_jax.train import checkpointing, loop, mesh as mesh_lib, rl, state as state_lib
@@ -134,57 +134,6 @@ def loss_settings(cfg: ml_collections.ConfigDict) -> LossSettings:
 # Teacher signals from the policy
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _continuation_log_probs(params, model_config, tokens, attention_mask, score_mask):
-    return (decoder.token_log_probs(params, model_config, tokens, attention_mask) * score_mask).sum(axis=1)
-
-
-def _tag_ids(tokenizer, node: str) -> tuple[int, int]:
-    """Ids of `<node>` and `</node>`, which must be whole tokens (the CoT tags are added tokens)."""
-    vocab = tokenizer.get_vocab()
-    tags = (f"<{node}>", f"</{node}>")
-    missing = [tag for tag in tags if tag not in vocab]
-    if missing:
-        raise ValueError(f"the policy tokenizer has no token for {missing}: node tags must be whole tokens")
-    return vocab[tags[0]], vocab[tags[1]]
-
-
-def forced_value_probabilities(params, model_config: decoder.DecoderConfig, tokenizer, prompt_tokens: np.ndarray,
-                               prompt_mask: np.ndarray, prefixes: Mapping[str, Sequence[Sequence[int]]],
-                               node_values: Mapping[str, Sequence[str]], response_len: int
-                               ) -> dict[str, np.ndarray]:
-    """[B, C_v] probabilities per node v: each allowed value scored as the continuation `<v>value</v>` after
-    row b's response prefix for v (`prefixes[v][b]`), normalised over v's values.
-
-    Generalises `eval/relevance.label_probabilities` (same layout, truncation and scored tokens) to any
-    categorical node; every (row, node, value) continuation goes through one forward pass.
-    """
-    batch, prompt_len = prompt_tokens.shape
-    continuations = []  # (row, node, token ids of "<v>value</v>"), node-major, then row, then value
-    for node, values in node_values.items():
-        open_id, close_id = _tag_ids(tokenizer, node)
-        value_ids = [tokenizer(value, add_special_tokens=False)["input_ids"] for value in values]
-        continuations += [(b, node, [open_id, *ids, close_id]) for b in range(batch) for ids in value_ids]
-    tokens = np.full((len(continuations), prompt_len + response_len), tokenizer.pad_token_id, np.int32)
-    mask = np.zeros(tokens.shape, bool)
-    score = np.zeros(tokens.shape, np.float32)
-    for row, (b, node, continuation) in enumerate(continuations):
-        response = (list(prefixes[node][b]) + continuation)[-response_len:]
-        end = prompt_len + len(response)
-        tokens[row, :prompt_len], mask[row, :prompt_len] = prompt_tokens[b], prompt_mask[b]
-        tokens[row, prompt_len:end], mask[row, prompt_len:end] = response, True
-        score[row, end - len(continuation) + 1:end] = 1.0  # the value and the close tag, not "<v>"
-    scores = np.asarray(_continuation_log_probs(params, model_config, jnp.asarray(tokens), jnp.asarray(mask),
-                                                jnp.asarray(score)), np.float64)
-    probabilities, start = {}, 0
-    for node, values in node_values.items():
-        node_scores = scores[start:start + batch * len(values)].reshape(batch, len(values))
-        start += batch * len(values)
-        node_scores = np.exp(node_scores - node_scores.max(axis=1, keepdims=True))
-        probabilities[node] = node_scores / node_scores.sum(axis=1, keepdims=True)
-    return probabilities
-
-
 def node_prefix(response: Sequence[int], open_id: int, *, label_first_label: bool = False) -> list[int]:
     """Where a node's value is forced: the greedy response up to the node's open tag (all of it when the
     tag never came), or nothing for the label under the label-first template (as `eval/relevance.judge`)."""
@@ -238,7 +187,7 @@ def policy_teacher(params, config: ml_collections.ConfigDict, tokenizer, queries
     model_config = decoder.DecoderConfig.from_config(config.model)
     batch_size, response_len = config.eval.batch_size, config.data.max_response_len
     label_first = config.sft.label_position == "first"
-    open_ids = {node: _tag_ids(tokenizer, node)[0] for node in NODE_VALUES}
+    open_ids = {node: relevance.tag_ids(tokenizer, node)[0] for node in NODE_VALUES}
     pieces = rollout.TokenPieces(tokenizer)
     prompts = [cot.prompt_text(query, title) for query, title in zip(queries, titles)]
     chunks = []
@@ -252,8 +201,8 @@ def policy_teacher(params, config: ml_collections.ConfigDict, tokenizer, queries
             prefixes = {node: [node_prefix(response, open_ids[node],
                                            label_first_label=label_first and node == cot.LABEL_NODE)
                                for response in responses] for node in NODE_VALUES}
-            probs = forced_value_probabilities(params, model_config, tokenizer, prompt_tokens, prompt_mask,
-                                               prefixes, NODE_VALUES, response_len)
+            probs = relevance.forced_value_probabilities(params, model_config, tokenizer, prompt_tokens,
+                                                         prompt_mask, prefixes, NODE_VALUES, response_len)
         else:
             group = cfg.num_samples
             out = jax.device_get(sampling.generate(
@@ -546,8 +495,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                                     replace=False)
         return layout.load_batch(rows, examples.batch)
 
-    state = loop.fit(state, layout.step(step_fn, shardings), batch_fn, num_steps=cfg.num_steps, workdir=workdir, stage=cfg.run_name,
-                     save_every=config.checkpoint.save_every, max_to_keep=config.checkpoint.max_to_keep,
+    state = loop.fit(state, layout.step(step_fn, shardings), batch_fn, num_steps=cfg.num_steps, workdir=workdir,
+                     stage=cfg.run_name, save_every=config.checkpoint.save_every, max_to_keep=config.checkpoint.max_to_keep,
                      log_every=cfg.log_every, progress_keys=("distill/loss", "distill/accuracy"))
     report = evaluate(state["params"], config, encoder_config, tokenizer, world, teacher["test"], esci_data)
     if jax.process_index() == 0:

@@ -96,13 +96,14 @@ def run_file(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise ValueError(f"{cfg.input_path}: no readable rows in split {cfg.input_split!r}")
     results = {"input_path": str(cfg.input_path), "checkpoint_workdir": source, "split": cfg.input_split,
                "num_rows": len(examples), "skipped_rows": data.skipped}
+    trained.eval.batch_size = cfg.batch_size  # the finished run's shapes, this run's batching
+    policy_tokenizer = prepare.load_tokenizer(trained, source) if set(cfg.policies) - {"student"} else None
     for policy in cfg.policies:
         if policy == "student":
             results[policy] = _student_report(trained, source, examples)
             continue
-        trained.eval.batch_size = cfg.batch_size
         results[policy] = relevance.evaluate_pairs(
-            rl.restore_policy(trained, source, policy), trained, prepare.load_tokenizer(trained, source),
+            rl.restore_policy(trained, source, policy), trained, policy_tokenizer,
             [e.query for e in examples], [e.product_title for e in examples], [e.label for e in examples])
     _write(workdir, pathlib.Path(cfg.input_path).stem + ".json", results)
     return results
