@@ -194,7 +194,7 @@ class Attention(nn.Module):
     config: DecoderConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, allowed, layer_cache, write_slot):
+    def __call__(self, x, cos, sin, allowed, cache_kv, layer, write_slot):
         cfg = self.config
         dense = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, dot_general=matmul_2d)
 
@@ -213,16 +213,18 @@ class Attention(nn.Module):
             k = RMSNorm(name="k_norm", **norm)(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        if layer_cache is not None:
-            cached_k, cached_v = layer_cache
-            k = jax.lax.dynamic_update_slice_in_dim(cached_k, k.astype(cached_k.dtype), write_slot, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cached_v, v.astype(cached_v.dtype), write_slot, axis=1)
-            layer_cache = (k, v)
+        if cache_kv is not None:
+            # Write this layer's new keys/values into the whole stacked cache (in place: it is the scan's
+            # carry), then attend over this layer's slice of it.
+            where = (layer, 0, write_slot, 0, 0)
+            cache_kv = tuple(jax.lax.dynamic_update_slice(stack, new[None].astype(stack.dtype), where)
+                             for stack, new in zip(cache_kv, (k, v)))
+            k, v = (jax.lax.dynamic_index_in_dim(stack, layer, keepdims=False) for stack in cache_kv)
 
         out = grouped_query_attention(q, k, v, allowed)
         out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=False, name="o_proj",
                               kernel_init=_dense_init(("heads", "head_dim", "embed")), **dense)(out)
-        return out, layer_cache
+        return out, cache_kv
 
 
 class MLP(nn.Module):
@@ -239,19 +241,25 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm residual block; the signature (carry, scanned, *broadcast) is what `nn.scan` wants."""
+    """Pre-norm residual block; the signature (carry, scanned, *broadcast) is what `nn.scan` wants.
+
+    The carry is the hidden states and, when decoding, the whole stacked KV cache [L, ...]: a carry is
+    updated in place by the scan's loop, whereas a scanned-over cache would be sliced out and re-stacked
+    (a full copy of the cache) at every decode step.
+    """
 
     config: DecoderConfig
 
     @nn.compact
-    def __call__(self, x, layer_cache, cos, sin, allowed, write_slot):
+    def __call__(self, carry, layer, cos, sin, allowed, write_slot):
+        x, cache_kv = carry
         cfg = self.config
         norm = dict(eps=cfg.rms_norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
-        attn_out, layer_cache = Attention(cfg, name="self_attn")(
-            RMSNorm(name="input_layernorm", **norm)(x), cos, sin, allowed, layer_cache, write_slot)
+        attn_out, cache_kv = Attention(cfg, name="self_attn")(
+            RMSNorm(name="input_layernorm", **norm)(x), cos, sin, allowed, cache_kv, layer, write_slot)
         x = x + attn_out
         x = x + MLP(cfg, name="mlp")(RMSNorm(name="post_attention_layernorm", **norm)(x))
-        return x, layer_cache
+        return (x, cache_kv), None
 
 
 class Decoder(nn.Module):
@@ -288,20 +296,20 @@ class Decoder(nn.Module):
             positions = jnp.maximum(new_positions, 0)
             key_valid = attention_mask
             query_slots, key_slots = jnp.arange(length), jnp.arange(length)
-            layer_caches, write_slot = None, None
+            cache_kv, write_slot = None, None
         else:
             positions = jnp.maximum(jnp.sum(cache.valid, axis=1, dtype=jnp.int32)[:, None] + new_positions, 0)
             key_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attention_mask, cache.end, axis=1)
             query_slots, key_slots = cache.end + jnp.arange(length), jnp.arange(cache.valid.shape[1])
-            layer_caches, write_slot = (cache.keys, cache.values), cache.end
+            cache_kv, write_slot = (cache.keys, cache.values), cache.end
         allowed = key_valid[:, None, :] & (key_slots[None, None, :] <= query_slots[None, :, None])
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
 
         x = jnp.take(self.embed_tokens, tokens, axis=0).astype(cfg.compute_dtype)
-        x, layer_caches = self.layers(x, layer_caches, cos, sin, allowed, write_slot)
+        (x, cache_kv), _ = self.layers((x, cache_kv), jnp.arange(cfg.num_layers), cos, sin, allowed, write_slot)
         hidden = self.norm(x)
         if cache is not None:
-            cache = KVCache(*layer_caches, valid=key_valid, end=cache.end + length)
+            cache = KVCache(*cache_kv, valid=key_valid, end=cache.end + length)
         return hidden, cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:
