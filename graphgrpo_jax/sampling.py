@@ -41,12 +41,36 @@ class SampleOutput(NamedTuple):
     truncated: jax.Array  # [B] bool: reached max_new_tokens without an EOS
 
 
+def _order_keys(x: jax.Array) -> jax.Array:
+    """uint32 keys with the order of the float32 values x (-inf lowest): the float bits, sign-folded."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+    bits = jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+    return jax.lax.bitcast_convert_type(bits, jnp.uint32) ^ jnp.uint32(0x80000000)
+
+
+def _smallest_key(predicate, low: jax.Array, high: jax.Array) -> jax.Array:
+    """Per row, the smallest uint32 key t in [low, high] with predicate(t), for a predicate that is
+    monotone in t and true at `high` (not evaluated there). Bisection: 32 halvings cover every key."""
+    def halve(_, bounds):
+        low, high = bounds
+        mid = low + (high - low) // 2
+        holds = predicate(mid)
+        return jnp.where(holds, low, mid + 1), jnp.where(holds, mid, high)
+
+    return jax.lax.fori_loop(0, 32, halve, (low, high))[1]
+
+
 def filter_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
     """Logits [B, V] divided by the temperature, with tokens outside the top-k / top-p sets at -inf.
 
     Applied in Hugging Face's order (temperature, top-k, top-p), top-p on the top-k-renormalised
     distribution; top-p keeps the smallest prefix of the sorted tokens whose mass reaches p. Ties at a
-    threshold are all kept. One sort serves both filters, skipped when neither is on.
+    threshold are all kept.
+
+    Why no sort: XLA:CPU sorts a [64, 2048] block in ~60 ms, which made every sampled decode step 10x a
+    greedy one. Each threshold is instead found exactly by bisection over the 2^32 order-preserving keys
+    of the float32 values (32 passes of compare-and-sum over [B, V]): top-k's is the k-th largest value,
+    top-p's the smallest value whose strictly-larger mass is below p. Skipped when neither filter is on.
     """
     temperature = jnp.asarray(params.temperature, jnp.float32)
     scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
@@ -55,15 +79,20 @@ def filter_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
     vocab = logits.shape[-1]
 
     def truncate(scaled):
-        ordered = -jnp.sort(-scaled, axis=-1)
-        rank = jnp.arange(vocab)
-        in_top_k = (top_k <= 0) | (rank < top_k)
-        ordered = jnp.where(in_top_k, ordered, -jnp.inf)
-        probs = jax.nn.softmax(ordered, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        num_kept = jnp.sum(in_top_k & (mass_before < top_p), axis=-1, keepdims=True)
-        threshold = jnp.take_along_axis(ordered, jnp.maximum(num_kept - 1, 0), axis=-1)
-        return jnp.where(scaled >= threshold, scaled, -jnp.inf)
+        keys = _order_keys(scaled)
+        lowest = jnp.zeros(keys.shape[:-1] + (1,), jnp.uint32)
+        highest = jnp.max(keys, axis=-1, keepdims=True)
+        k_key = jax.lax.cond(
+            (top_k > 0) & (top_k < vocab),
+            lambda: _smallest_key(lambda t: jnp.sum(keys > t, axis=-1, keepdims=True) < top_k, lowest, highest),
+            lambda: lowest)
+        probs = jax.nn.softmax(jnp.where(keys >= k_key, scaled, -jnp.inf), axis=-1)
+        p_key = jax.lax.cond(
+            top_p < 1.0,
+            lambda: _smallest_key(lambda t: jnp.sum(jnp.where(keys > t, probs, 0.0), axis=-1, keepdims=True)
+                                  < top_p, k_key, highest),
+            lambda: k_key)
+        return jnp.where(keys >= p_key, scaled, -jnp.inf)
 
     filtering = ((top_k > 0) & (top_k < vocab)) | (top_p < 1.0)
     return jax.lax.cond(filtering, truncate, lambda scaled: scaled, scaled)

@@ -139,6 +139,37 @@ def test_filter_logits_keeps_the_right_tokens(knobs, kept):
     np.testing.assert_allclose(filtered[kept], np.log(PROBS[kept]), rtol=1e-6)
 
 
+def sorted_filter_reference(scaled: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
+    """Hugging Face's warpers in numpy for one row: sort, cut at the k-th value, then at the nucleus."""
+    out = scaled.astype(np.float64)
+    if 0 < top_k < out.size:
+        out[out < np.sort(out)[-top_k]] = -np.inf
+    if top_p < 1.0:
+        ordered = -np.sort(-out)
+        probs = np.exp(ordered - ordered[0]) / np.exp(ordered - ordered[0]).sum()
+        before = np.cumsum(probs) - probs
+        out[out < ordered[max(np.sum(before < top_p), 1) - 1]] = -np.inf
+    return out
+
+
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+def test_filter_logits_matches_a_sorting_reference(ties):
+    rng = np.random.default_rng(7)
+    logits = rng.normal(scale=3.0, size=(96, 300)).astype(np.float32)
+    if ties:
+        logits = np.round(logits)  # many equal values at every threshold
+    logits[:, :5] = -np.inf  # already-banned tokens stay banned
+    for top_k, top_p, temperature in [(40, 1.0, 1.0), (0, 0.9, 0.7), (50, 0.95, 1.3), (1, 0.5, 1.0),
+                                      (0, 0.05, 1.0), (299, 0.999, 2.0)]:
+        filtered = np.asarray(sampling.filter_logits(
+            jnp.asarray(logits), sampling.SamplingParams(temperature, top_k, top_p)))
+        for row, scaled in zip(filtered, logits / np.float32(temperature)):
+            expected = sorted_filter_reference(scaled, top_k, top_p)
+            np.testing.assert_array_equal(np.isfinite(row), np.isfinite(expected),
+                                          err_msg=f"top_k={top_k} top_p={top_p} T={temperature}")
+            np.testing.assert_allclose(row[np.isfinite(row)], scaled[np.isfinite(row)], rtol=1e-6)
+
+
 def test_draws_follow_the_filtered_tempered_distribution():
     draws = 20_000
     logits = jnp.tile(jnp.log(jnp.asarray(PROBS, jnp.float32)), (draws, 1))

@@ -150,8 +150,9 @@ def trl_trainer(params: decoder.Params, config: decoder.DecoderConfig, tokenizer
         num_iterations=options.num_iterations, mask_truncated_completions=options.mask_truncated_completions,
         learning_rate=LEARNING_RATE, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         max_grad_norm=1.0, shuffle_dataset=False, logging_steps=steps, disable_tqdm=True,
-        # TRL 1.16 defaults to activation checkpointing; ours does not recompute activations, so neither does it.
-        gradient_checkpointing=False)
+        # TRL 1.16 defaults to activation checkpointing and bf16 autocast. Ours recomputes no activations and
+        # runs fp32 (this CPU has no bf16 units: autocast made TRL's backward ~30x slower), so TRL does too.
+        activation_checkpointing=False, bf16=False)
 
     def reward(completions: list[str], **kwargs) -> list[float]:
         return [letter_share(text) for text in completions]
