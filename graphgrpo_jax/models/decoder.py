@@ -44,8 +44,23 @@ ARCHS = ("qwen2", "qwen3", "llama")
 _INIT_STDDEV = 0.02  # Hugging Face's `initializer_range` for this family
 
 
+class DtypeFields:
+    """The `dtype` (activations) and `param_dtype` (weights) fields of a model config as jnp dtypes."""
+
+    dtype: str
+    param_dtype: str
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def weight_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
+
+
 @dataclasses.dataclass(frozen=True)
-class DecoderConfig:
+class DecoderConfig(DtypeFields):
     """Static model shape and numerics; frozen and hashable so it can be a static jit argument."""
 
     arch: str
@@ -88,14 +103,6 @@ class DecoderConfig:
             elif field.default is dataclasses.MISSING:
                 raise ValueError(f"model config is missing the field {field.name!r}")
         return cls(**values)
-
-    @property
-    def compute_dtype(self) -> jnp.dtype:
-        return jnp.dtype(self.dtype)
-
-    @property
-    def weight_dtype(self) -> jnp.dtype:
-        return jnp.dtype(self.param_dtype)
 
 
 class KVCache(NamedTuple):

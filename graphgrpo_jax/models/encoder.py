@@ -57,7 +57,7 @@ import transformers
 from safetensors import safe_open
 
 from graphgrpo_jax.models import hf
-from graphgrpo_jax.models.decoder import grouped_query_attention
+from graphgrpo_jax.models.decoder import DtypeFields, grouped_query_attention
 
 Params = Any  # a nested dict of arrays, laid out as in the module docstring
 PathLike = str | pathlib.Path
@@ -73,7 +73,7 @@ _IGNORED_NAMES = ("embeddings.position_ids", "embeddings.token_type_ids")
 
 
 @dataclasses.dataclass(frozen=True)
-class EncoderConfig:
+class EncoderConfig(DtypeFields):
     """Static model shape and numerics; frozen and hashable so it can be a static jit argument."""
 
     vocab_size: int
@@ -121,14 +121,6 @@ class EncoderConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
-
-    @property
-    def compute_dtype(self) -> jnp.dtype:
-        return jnp.dtype(self.dtype)
-
-    @property
-    def weight_dtype(self) -> jnp.dtype:
-        return jnp.dtype(self.param_dtype)
 
 
 def _dense_init(names: tuple[str | None, ...]):
