@@ -26,7 +26,7 @@ from absl import app, flags, logging
 
 from configs import common, relevance
 from graphgrpo_jax import main as main_lib
-from graphgrpo_jax.eval import report
+from graphgrpo_jax.eval import plots, report
 from graphgrpo_jax.graph import credit
 from graphgrpo_jax.train import metrics
 
@@ -53,6 +53,8 @@ METHODS = {
     "graph_alignment": lambda c: c.controller.update(mode="alignment"),
     "graph_default_no_cot_mask": lambda c: None,  # the default RL, from an SFT without CoT masking
 }
+# Methods whose controller changes φ during RL (the others keep φ fixed).
+CONTROLLED = {"graph_main_loss", "graph_alignment"}
 # Methods that need their own SFT (its folder under <base>) instead of the shared one.
 OWN_SFT = {"graph_default_no_cot_mask": ("sft_no_cot_mask", lambda c: c.sft.update(p_mask=0.0))}
 
@@ -97,14 +99,33 @@ def summarize(workdir: str) -> dict:
             "blame_precision_at_1": float(np.mean(blame)) if blame else float("nan")}
 
 
-def _runs(base: str) -> dict[tuple[str, float, int], dict]:
+def _run_dirs(base: str) -> dict[tuple[str, float, int], str]:
+    """(method, lr, seed) -> folder of every finished run under <base>/runs."""
     found = {}
     runs_dir = os.path.join(base, "runs")
     for name in sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []:
         method, lr, seed = name.rsplit("_", 2)
         if os.path.exists(os.path.join(runs_dir, name, "eval", "metrics.json")):
-            found[(method, float(lr[2:]), int(seed[4:]))] = summarize(os.path.join(runs_dir, name))
+            found[(method, float(lr[2:]), int(seed[4:]))] = os.path.join(runs_dir, name)
     return found
+
+
+def _runs(base: str) -> dict[tuple[str, float, int], dict]:
+    return {key: summarize(folder) for key, folder in _run_dirs(base).items()}
+
+
+def write_plots(base: str, found: dict) -> list[str]:
+    """Training accuracy over RL steps per method at its best LR (mean over seeds), and φ over steps of
+    seed 0 for every method whose φ moves (the controller modes)."""
+    best, folders = best_lrs(found), _run_dirs(base)
+    curves = {method: [metrics.read_jsonl(os.path.join(folder, "rl", "metrics.jsonl"))
+                       for (m, lr, _), folder in folders.items() if m == method and lr == best[method]]
+              for method in best}
+    paths = [plots.method_curves(curves, "rl/accuracy", os.path.join(base, "plots", "train_accuracy.png"))]
+    for method, method_runs in curves.items():
+        if method in CONTROLLED:
+            paths.append(plots.phi_curves(method_runs[0], os.path.join(base, "plots", f"phi_{method}.png")))
+    return paths
 
 
 def best_lrs(found: dict) -> dict[str, float]:
@@ -143,7 +164,10 @@ def main(_):
         for method in methods:
             for seed in map(int, _SEEDS.value):
                 run_method(base, method, best[method], seed)
-    print(table(_runs(base)))
+    found = _runs(base)
+    print(table(found))
+    for path in write_plots(base, found):
+        print(path)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import matplotlib
 
@@ -46,6 +46,25 @@ def training_curves(rows: Sequence[dict], path: str, keys: Sequence[str] = ("rl/
             ax.plot(steps, values, alpha=0.25, color=line.get_color())
     ax.set_xlabel("RL step")
     ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def method_curves(runs: Mapping[str, Sequence[Sequence[dict]]], key: str, path: str, window: int = 9) -> str:
+    """Per method, the smoothed `key` over steps averaged over its runs (seeds), min–max over runs shaded."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for method, method_runs in sorted(runs.items()):
+        curves = [_series(rows, key) for rows in method_runs]
+        curves = [(steps, _smooth(values, window)) for steps, values in curves if len(steps)]
+        if not curves:
+            continue
+        length = min(len(steps) for steps, _ in curves)
+        steps, stacked = curves[0][0][:length], np.stack([values[:length] for _, values in curves])
+        line, = ax.plot(steps, stacked.mean(0), label=f"{method} ({len(curves)})")
+        ax.fill_between(steps, stacked.min(0), stacked.max(0), color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("RL step")
+    ax.set_ylabel(f"{key} (smoothed, mean over seeds)")
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
