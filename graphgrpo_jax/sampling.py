@@ -86,12 +86,12 @@ def filter_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
             (top_k > 0) & (top_k < vocab),
             lambda: _smallest_key(lambda t: jnp.sum(keys > t, axis=-1, keepdims=True) < top_k, lowest, highest),
             lambda: lowest)
-        probs = jax.nn.softmax(jnp.where(keys >= k_key, scaled, -jnp.inf), axis=-1)
-        p_key = jax.lax.cond(
-            top_p < 1.0,
-            lambda: _smallest_key(lambda t: jnp.sum(jnp.where(keys > t, probs, 0.0), axis=-1, keepdims=True)
-                                  < top_p, k_key, highest),
-            lambda: k_key)
+        def nucleus_key():
+            probs = jax.nn.softmax(jnp.where(keys >= k_key, scaled, -jnp.inf), axis=-1)
+            mass_above = lambda t: jnp.sum(jnp.where(keys > t, probs, 0.0), axis=-1, keepdims=True)
+            return _smallest_key(lambda t: mass_above(t) < top_p, k_key, highest)
+
+        p_key = jax.lax.cond(top_p < 1.0, nucleus_key, lambda: k_key)
         return jnp.where(keys >= p_key, scaled, -jnp.inf)
 
     filtering = ((top_k > 0) & (top_k < vocab)) | (top_p < 1.0)
