@@ -73,8 +73,12 @@ def sft_dir(base: str, method: str) -> str:
     return os.path.join(base, name)
 
 
+def run_dir(base: str, method: str, lr: float, seed: int) -> str:
+    return os.path.join(base, "runs", f"{method}_lr{lr:g}_seed{seed}")
+
+
 def run_method(base: str, method: str, lr: float, seed: int) -> str:
-    workdir = os.path.join(base, "runs", f"{method}_lr{lr:g}_seed{seed}")
+    workdir = run_dir(base, method, lr, seed)
     if not os.path.exists(os.path.join(workdir, "eval", "metrics.json")):
         shared = sft_dir(base, method)
         for part in ("data", "tokenizer", os.path.join("checkpoints", "sft")):
@@ -99,27 +103,22 @@ def summarize(workdir: str) -> dict:
             "blame_precision_at_1": float(np.mean(blame)) if blame else float("nan")}
 
 
-def _run_dirs(base: str) -> dict[tuple[str, float, int], str]:
-    """(method, lr, seed) -> folder of every finished run under <base>/runs."""
+def _runs(base: str) -> dict[tuple[str, float, int], dict]:
     found = {}
     runs_dir = os.path.join(base, "runs")
     for name in sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []:
         method, lr, seed = name.rsplit("_", 2)
         if os.path.exists(os.path.join(runs_dir, name, "eval", "metrics.json")):
-            found[(method, float(lr[2:]), int(seed[4:]))] = os.path.join(runs_dir, name)
+            found[(method, float(lr[2:]), int(seed[4:]))] = summarize(os.path.join(runs_dir, name))
     return found
-
-
-def _runs(base: str) -> dict[tuple[str, float, int], dict]:
-    return {key: summarize(folder) for key, folder in _run_dirs(base).items()}
 
 
 def write_plots(base: str, found: dict) -> list[str]:
     """Training accuracy over RL steps per method at its best LR (mean over seeds), and φ over steps of
     seed 0 for every method whose φ moves (the controller modes)."""
-    best, folders = best_lrs(found), _run_dirs(base)
-    curves = {method: [metrics.read_jsonl(os.path.join(folder, "rl", "metrics.jsonl"))
-                       for (m, lr, _), folder in folders.items() if m == method and lr == best[method]]
+    best = best_lrs(found)
+    curves = {method: [metrics.read_jsonl(os.path.join(run_dir(base, m, lr, seed), "rl", "metrics.jsonl"))
+                       for m, lr, seed in found if m == method and lr == best[method]]
               for method in best}
     paths = [plots.method_curves(curves, "rl/accuracy", os.path.join(base, "plots", "train_accuracy.png"))]
     for method, method_runs in curves.items():
