@@ -46,7 +46,7 @@ def test_prompts_are_left_padded_and_agreement_counts_prefixes():
     assert ((tokens == 0) == ~mask).all()
     ours = np.array([[1, 2, 3], [1, 2, 3], [4, 5, 6]])
     theirs = np.array([[1, 2, 3], [1, 9, 3], [7, 5, 6]])
-    assert bench_sampling.greedy_agreement(ours, theirs) == (pytest.approx(1 / 3), pytest.approx(4 / 3))
+    assert common.greedy_agreement(ours, theirs) == (pytest.approx(1 / 3), pytest.approx(4 / 3))
 
 
 def test_scaling_settings_double_one_knob_at_a_time():

@@ -31,6 +31,9 @@ from graphgrpo_jax import sampling  # noqa: E402
 from graphgrpo_jax.models import decoder  # noqa: E402
 from graphgrpo_jax.train import mesh as mesh_lib, sft, state as state_lib  # noqa: E402
 
+# Plain next-token SFT: no CoT nodes, no masking.
+SFT_STEP = dict(label_node=0, num_nodes=1, p_mask=0.0, mask_unit="token")
+
 
 def _config(preset: str, dtype: str, mesh: str, vocab_size: int | None):
     import ml_collections
@@ -46,15 +49,55 @@ def _config(preset: str, dtype: str, mesh: str, vocab_size: int | None):
     return config
 
 
+def check_against_cpu(config, model_config, optimizer, layout, shardings, step, train_batch, host_batch, prompts,
+                      prompt_mask, new_tokens: int) -> list[str]:
+    """Notes comparing the mesh's first SFT step and greedy decode with the same work on the host CPU.
+
+    Both sides start from the same state (`sft.init_state` is seeded) and multiply at full fp32 precision
+    (`jax.default_matmul_precision("highest")`: no TF32 on the GPU side), so what differs is reduction order.
+    """
+    cpu = jax.devices("cpu")[0]
+    with jax.default_matmul_precision("highest"):
+        state, _ = sft.init_state(config, model_config, optimizer, layout)
+        host_state = jax.device_get(state)
+        tokens = generate_on(layout, shardings, model_config, new_tokens)(
+            state["params"], prompts, prompt_mask, jax.random.PRNGKey(0), sampling.GREEDY, -1, 0).tokens
+        state, metrics = step(state, train_batch)
+        mesh_loss, mesh_params = float(metrics["sft/loss"]), jax.device_get(state["params"])
+        with jax.default_device(cpu):
+            cpu_state = jax.device_put(host_state, cpu)
+            cpu_tokens = sampling.generate(cpu_state["params"], model_config, jax.device_put(prompts, cpu),
+                                           jax.device_put(prompt_mask, cpu), jax.random.PRNGKey(0),
+                                           max_new_tokens=new_tokens, eos_ids=-1, pad_id=0,
+                                           sampling=sampling.GREEDY).tokens
+            cpu_step = jax.jit(sft.make_train_step(model_config, optimizer, **SFT_STEP))
+            cpu_state, cpu_metrics = cpu_step(cpu_state, jax.device_put(host_batch, cpu))
+            cpu_loss, cpu_params = float(cpu_metrics["sft/loss"]), jax.device_get(cpu_state["params"])
+    leaves = [jax.tree_util.tree_leaves(t) for t in (mesh_params, cpu_params, host_state["params"])]
+    update_gap = np.sqrt(sum(np.sum((a - b) ** 2) for a, b, _ in zip(*leaves)) /
+                         sum(np.sum((b - h) ** 2) for _, b, h in zip(*leaves)))
+    share, prefix = common.greedy_agreement(np.asarray(tokens), np.asarray(cpu_tokens))
+    return [f"Against the host CPU (fp32, highest matmul precision): first-step loss {mesh_loss:.6f} vs "
+            f"{cpu_loss:.6f}, gradient norm {float(metrics['sft/grad_norm']):.6f} vs "
+            f"{float(cpu_metrics['sft/grad_norm']):.6f}; the two parameter updates differ by {update_gap:.1e} of "
+            f"the update's norm; greedy decode: {share:.0%} of rows identical, mean agreeing prefix "
+            f"{prefix:.1f} of {new_tokens}."]
+
+
+def generate_on(layout, shardings, model_config, new_tokens: int):
+    return mesh_lib.shard_sampler(layout.mesh, shardings["params"], model_config, max_new_tokens=new_tokens,
+                                  rules=layout.rule_map)
+
+
 def run(preset: str, dtype: str, mesh: str, batch: int, length: int, sample_batch: int, prompt_len: int,
-        new_tokens: int, reps: int, vocab_size: int | None = None) -> tuple[list[list], list[str]]:
+        new_tokens: int, reps: int, vocab_size: int | None = None, check_cpu: bool = False
+        ) -> tuple[list[list], list[str]]:
     config = _config(preset, dtype, mesh, vocab_size)
     layout = mesh_lib.Layout.from_config(config.mesh)
     model_config = decoder.DecoderConfig.from_config(config.model)
     optimizer = state_lib.make_optimizer(config.optim, 1000)
     state, shardings = sft.init_state(config, model_config, optimizer, layout)
-    step = layout.step(sft.make_train_step(model_config, optimizer, label_node=0, num_nodes=1, p_mask=0.0,
-                                           mask_unit="token"), shardings)
+    step = layout.step(sft.make_train_step(model_config, optimizer, **SFT_STEP), shardings)
     rng = np.random.default_rng(0)
     tokens = rng.integers(1, model_config.vocab_size, size=(batch, length)).astype(np.int32)
     host_batch = {"tokens": tokens, "attention_mask": np.ones_like(tokens, bool),
@@ -66,8 +109,7 @@ def run(preset: str, dtype: str, mesh: str, batch: int, length: int, sample_batc
         holder["state"], metrics = step(holder["state"], train_batch)
         return metrics["sft/loss"]
 
-    generate = mesh_lib.shard_sampler(layout.mesh, shardings["params"], model_config, max_new_tokens=new_tokens,
-                                      rules=layout.rule_map)
+    generate = generate_on(layout, shardings, model_config, new_tokens)
     prompts = jnp.asarray(rng.integers(1, model_config.vocab_size, size=(sample_batch, prompt_len)), jnp.int32)
     prompt_mask = jnp.ones(prompts.shape, bool)
 
@@ -76,6 +118,8 @@ def run(preset: str, dtype: str, mesh: str, batch: int, length: int, sample_batc
         return generate(holder["state"]["params"], prompts, prompt_mask, jax.random.PRNGKey(0), sampling.GREEDY,
                         -1, 0).tokens
 
+    parity = check_against_cpu(config, model_config, optimizer, layout, shardings, step, train_batch, host_batch,
+                               prompts, prompt_mask, new_tokens) if check_cpu else []
     timings = common.timed_pairs({"train step": train, "greedy decode": sample}, reps)
     params = holder["state"]["params"]
     flops = common.analytic_train_flops(model_config, params, batch, length)
@@ -90,7 +134,7 @@ def run(preset: str, dtype: str, mesh: str, batch: int, length: int, sample_batc
     notes = [f"{preset} preset ({num_params / 1e6:.1f}M params, vocab {model_config.vocab_size}), activations "
              f"{dtype}, fp32 params and Adam; mesh `{mesh}` {dict(layout.mesh.shape)} over {len(devices)} × "
              f"{devices[0].device_kind}; medians of {reps} after one compiling call; tokens/s counts trained "
-             f"tokens and new tokens."]
+             f"tokens and new tokens.", *parity]
     return rows, notes
 
 
@@ -106,10 +150,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--prompt_len", type=int, default=64)
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--check_cpu", action="store_true",
+                        help="also compare the first train step and greedy decode with the host CPU")
     parser.add_argument("--no_save", action="store_true")
     args = parser.parse_args(argv)
     rows, notes = run(args.preset, args.dtype, args.mesh, args.batch, args.length, args.sample_batch,
-                      args.prompt_len, args.new_tokens, args.reps, args.vocab_size)
+                      args.prompt_len, args.new_tokens, args.reps, args.vocab_size, args.check_cpu)
     table = common.markdown_table(["what", "shape", "first call s", "median s", "tokens/s", "TFLOP/s"], rows)
     print(table)
     print("\n".join(notes))

@@ -58,7 +58,8 @@ def hf_sampler(model, tokens: np.ndarray, mask: np.ndarray, new_tokens: int,
     import torch
     import transformers
 
-    ids, attention = torch.from_numpy(tokens.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
+    ids = torch.from_numpy(tokens.astype(np.int64)).to(model.device)
+    attention = torch.from_numpy(mask.astype(np.int64)).to(model.device)
     greedy = float(knobs.temperature) == 0.0
     options = dict(do_sample=False) if greedy else dict(
         do_sample=True, temperature=float(knobs.temperature), top_k=int(knobs.top_k), top_p=float(knobs.top_p))
@@ -70,13 +71,6 @@ def hf_sampler(model, tokens: np.ndarray, mask: np.ndarray, new_tokens: int,
             out = model.generate(input_ids=ids, attention_mask=attention, generation_config=generation)
         return out[:, tokens.shape[1]:]
     return run
-
-
-def greedy_agreement(ours: np.ndarray, theirs: np.ndarray) -> tuple[float, float]:
-    """(share of rows identical, mean length of the agreeing prefix) of two [B, N] token arrays."""
-    same = ours == theirs
-    prefix = np.where(same.all(1), same.shape[1], np.argmin(same, axis=1))
-    return float(same.all(1).mean()), float(prefix.mean())
 
 
 def run(preset: str, batches: Sequence[int], prompt_len: int, new_tokens: int, reps: int,
@@ -105,7 +99,8 @@ def run(preset: str, batches: Sequence[int], prompt_len: int, new_tokens: int, r
                 row += [f"{theirs.median_s:.3f}", f"{new / theirs.median_s:,.0f}",
                         common.ratio(ours.median_s, theirs.median_s)]
                 if mode == "greedy":
-                    share, prefix = greedy_agreement(np.asarray(sides["ours"]()), sides["generate"]().numpy())
+                    share, prefix = common.greedy_agreement(np.asarray(sides["ours"]()),
+                                                           sides["generate"]().cpu().numpy())
                     notes.append(f"Greedy agreement at B={batch}: {share:.0%} of rows identical, mean agreeing "
                                  f"prefix {prefix:.1f} of {new_tokens} tokens.")
             rows.append(row)

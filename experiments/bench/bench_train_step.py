@@ -67,7 +67,7 @@ def torch_step(model, batch: dict[str, np.ndarray]) -> tuple[Callable[[], None],
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=OPTIM.learning_rate, betas=(OPTIM.b1, OPTIM.b2),
                                   weight_decay=OPTIM.weight_decay)
-    ids = torch.from_numpy(batch["tokens"].astype(np.int64))
+    ids = torch.from_numpy(batch["tokens"].astype(np.int64)).to(model.device)
     losses = []
 
     def run() -> None:

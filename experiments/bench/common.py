@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from configs.common import model_config
 from graphgrpo_jax.models import decoder, hf
@@ -78,9 +79,23 @@ class Timing:
         return statistics.median(self.times_s)
 
 
+def torch_device() -> str:
+    """Where the peer runs: the GPU when JAX's default backend is one (so both sides share the card), else
+    the CPU. On a GPU both sides multiply fp32 matrices in TF32, JAX's default there."""
+    import torch
+    if jax.default_backend() == "gpu" and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        return "cuda"
+    return "cpu"
+
+
 def _finish(value: Any) -> None:
-    """Waits for JAX's asynchronous dispatch; PyTorch on CPU has returned finished work already."""
+    """Waits for JAX's asynchronous dispatch, and for PyTorch's CUDA stream when it runs on the GPU."""
     jax.block_until_ready(value)
+    if peers_available():
+        import torch
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()
 
 
 def timed_pairs(sides: Mapping[str, Callable[[], Any]], reps: int) -> dict[str, Timing]:
@@ -98,6 +113,13 @@ def timed_pairs(sides: Mapping[str, Callable[[], Any]], reps: int) -> dict[str, 
     return {name: Timing(first[name], tuple(times[name])) for name in sides}
 
 
+def greedy_agreement(ours: np.ndarray, theirs: np.ndarray) -> tuple[float, float]:
+    """(share of rows identical, mean length of the agreeing prefix) of two [B, N] token arrays."""
+    same = ours == theirs
+    prefix = np.where(same.all(1), same.shape[1], np.argmin(same, axis=1))
+    return float(same.all(1).mean()), float(prefix.mean())
+
+
 def matmul_sides(n: int, peers: bool) -> dict[str, Callable[[], Any]]:
     """An n³ fp32 matmul in JAX (and in PyTorch): the machine's practical FLOP/s ceiling (2·n³ FLOP)."""
     a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
@@ -106,7 +128,7 @@ def matmul_sides(n: int, peers: bool) -> dict[str, Callable[[], Any]]:
     sides = {"jax": lambda: matmul(a, b)}
     if peers:
         import torch
-        ta, tb = torch.randn(n, n), torch.randn(n, n)
+        ta, tb = torch.randn(n, n, device=torch_device()), torch.randn(n, n, device=torch_device())
         sides["torch"] = lambda: torch.matmul(ta, tb)
     return sides
 
@@ -124,11 +146,12 @@ def policy(preset: str, seed: int = 0) -> tuple[decoder.DecoderConfig, decoder.P
 
 def torch_twin(params: decoder.Params, config: decoder.DecoderConfig, folder: str | pathlib.Path,
                extra_config: Mapping[str, Any] | None = None):
-    """The same weights as a transformers `Qwen2ForCausalLM` (fp32, eval mode), through our HF export."""
+    """The same weights as a transformers `Qwen2ForCausalLM` (fp32, eval mode, on `torch_device()`), through
+    our HF export."""
     import transformers
     hf.save_hf(params, config, folder, extra_config=extra_config)
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype="float32")
-    return model.eval()
+    return model.to(torch_device()).eval()
 
 
 def analytic_train_flops(config: decoder.DecoderConfig, params: decoder.Params, batch: int, length: int) -> float:
