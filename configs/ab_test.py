@@ -34,7 +34,8 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
     config.seed = 0
     config.split = "test"
     config.max_queries = 0  # 0: every query of the split
-    # The distilled student (stage `run_name` of the relevance workdir), exported for serving.
+    # The distilled student (stage `run_name` of the relevance workdir), exported for serving; its heads are
+    # read from that run's report.json (`heads` is the fallback for a run without one).
     config.student = ml_collections.ConfigDict(dict(
         run_name="distill", heads=("y", "ms", "ma"), batch_size=64, platforms=("cpu",)))
     config.rewrite_batch_size = 64  # queries per greedy rewrite batch (padded: one compile)

@@ -55,8 +55,9 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
     config.grpo.max_completion_length = config.data.max_response_len
     config.rl = ml_collections.ConfigDict(dict(
         num_steps=80, prompts_per_step=8, temperature=1.0, top_k=0, top_p=1.0, r_format=-1.0, log_every=1))
+    # 1e-4: the best of the credit ablation's LR sweep for Graph-GRPO and outcome GRPO alike (experiments/README.md).
     config.rl_optim = ml_collections.ConfigDict(dict(
-        learning_rate=3e-4, warmup_steps=0, schedule="constant", grad_clip=1.0, weight_decay=0.0))
+        learning_rate=1e-4, warmup_steps=0, schedule="constant", grad_clip=1.0, weight_decay=0.0))
 
     # Graph-node multi-head distillation into MiniLM-L6 (METHOD.md A5); not in the default stages yet:
     # add "distill" to config.stages (about 10 minutes of CPU).

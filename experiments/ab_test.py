@@ -60,11 +60,18 @@ def rewriters(config: ml_collections.ConfigDict, rewrite_config: ml_collections.
     return available
 
 
-def student_config(relevance_config: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict):
+def student_heads(relevance_workdir: str, cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The heads student `cfg.run_name` was trained with (its `report.json`), else `cfg.heads`."""
+    report = pathlib.Path(relevance_workdir) / cfg.run_name / "report.json"
+    return tuple(json.loads(report.read_text())["heads"]) if report.is_file() else tuple(cfg.heads)
+
+
+def student_config(relevance_config: ml_collections.ConfigDict, relevance_workdir: str,
+                   cfg: ml_collections.ConfigDict):
     """The relevance run's `distill` section (defaults where the run predates it) for student `cfg.run_name`."""
     distill_cfg = relevance_config.get("distill") or distill.default_distill_config()
     distill_cfg = ml_collections.ConfigDict(distill_cfg.to_dict())
-    distill_cfg.update(run_name=cfg.run_name, heads=tuple(cfg.heads))
+    distill_cfg.update(run_name=cfg.run_name, heads=student_heads(relevance_workdir, cfg))
     relevance_config = ml_collections.ConfigDict(relevance_config.to_dict())
     relevance_config.distill = distill_cfg
     return relevance_config
@@ -74,7 +81,7 @@ def exported_student(config: ml_collections.ConfigDict, relevance_config: ml_col
                      relevance_workdir: str, workdir: str) -> pathlib.Path:
     """`<workdir>/serving/<run_name>`, exported from the run's newest student checkpoint unless already there."""
     cfg = config.student
-    relevance_config = student_config(relevance_config, cfg)
+    relevance_config = student_config(relevance_config, relevance_workdir, cfg)
     with checkpointing.Checkpointer(loop.checkpoint_dir(relevance_workdir, cfg.run_name)) as ckpt:
         steps = ckpt.all_steps()
     if not steps:
@@ -90,7 +97,7 @@ def exported_student(config: ml_collections.ConfigDict, relevance_config: ml_col
     return serving.export_cross_encoder(
         directory, lambda p, *inputs: encoder.node_logits(p, encoder_config, *inputs), params,
         encoder.load_pair_tokenizer(encoder.minilm_folder()),
-        {node: distill.NODE_VALUES[node] for node in cfg.heads}, max_length,
+        {node: distill.NODE_VALUES[node] for node in relevance_config.distill.heads}, max_length,
         platforms=tuple(cfg.platforms), source=source, overwrite=True)
 
 
@@ -115,7 +122,7 @@ def scorers(config: ml_collections.ConfigDict, relevance_workdir: str | None, wo
                              f"{served.heads.get(cot.LABEL_NODE)}, expected {list(cot.LABELS)}")
         available["student"] = lambda queries, titles: served.score(queries, titles)[cot.LABEL_NODE]
     if "policy" in names:
-        policy_config = student_config(relevance_config, config.student)
+        policy_config = student_config(relevance_config, relevance_workdir, config.student)
         policy_config.distill.teacher = "forced"
         params = rl.restore_policy(policy_config, relevance_workdir, policy_config.distill.policy)
         tokenizer = prepare.load_tokenizer(policy_config, relevance_workdir)

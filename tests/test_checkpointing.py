@@ -88,3 +88,17 @@ def test_zero_size_leaves_round_trip(tmp_path):
         ckpt.save(1, state, force=True)
         restored = ckpt.restore_latest(state)
     _assert_identical(restored.state, state)
+
+
+def test_asking_for_another_state_fails_and_keeps_the_checkpoint(tmp_path):
+    """A mismatched request (e.g. a multi-head student's tree for a single-head checkpoint) is the caller's
+    error: it must name the difference and leave the good checkpoint in place, not set it aside as damaged."""
+    state = _state(4)
+    with checkpointing.Checkpointer(str(tmp_path), async_save=False) as ckpt:
+        ckpt.save(3, state, force=True)
+    other = dict(state, params=dict(state["params"], head={"kernel": jnp.zeros((3, 2))}))
+    with checkpointing.Checkpointer(str(tmp_path), async_save=False) as ckpt:
+        with pytest.raises(ValueError, match=r"step 3 .* different state tree .*not stored: params/head/kernel"):
+            ckpt.restore_latest(other)
+        assert ckpt.all_steps() == [3]
+        _assert_identical(ckpt.restore_latest(state).state, state)

@@ -181,3 +181,24 @@ def test_remat_gives_the_same_gradients(params):
     remat = grad(params, dataclasses.replace(CONFIG, remat=True))
     for a, b in zip(jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(remat)):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_chunked_scoring_equals_whole_logits(params):
+    """Above the logits budget, positions are scored in chunks (11 positions in chunks of 4, the last one
+    padded): same log-probs, entropies and gradients as scoring all positions at once."""
+    tokens = random_tokens(10, (2, LENGTH))
+    mask = np.ones_like(tokens, dtype=bool)
+    mask[1, :3] = False
+
+    def loss(params, budget):
+        logp, entropy = decoder.token_log_probs_and_entropy(params, CONFIG, tokens, mask, logits_budget=budget)
+        return -logp.sum() + 0.1 * entropy.sum(), (logp, entropy)
+
+    grad = jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)
+    whole_grads, (whole_logp, whole_entropy) = grad(params, 2 ** 26)
+    chunked_grads, (chunked_logp, chunked_entropy) = grad(params, 2 * 4 * CONFIG.vocab_size)
+    np.testing.assert_allclose(chunked_logp, whole_logp, atol=1e-6)
+    np.testing.assert_allclose(chunked_entropy, whole_entropy, atol=1e-6)
+    assert np.all(np.asarray(whole_logp)[1, :4] == 0.0)
+    for a, b in zip(jax.tree_util.tree_leaves(chunked_grads), jax.tree_util.tree_leaves(whole_grads)):
+        np.testing.assert_allclose(a, b, atol=1e-6)

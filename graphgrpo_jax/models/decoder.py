@@ -366,21 +366,46 @@ def token_log_probs(params: Params, config: DecoderConfig, tokens: jax.Array,
     return token_log_probs_and_entropy(params, config, tokens, attention_mask)[0]
 
 
+# Most fp32 logits `token_log_probs_and_entropy` holds at once (256 MB); larger [B, T, V] blocks are scored
+# in chunks of positions, each chunk's logits recomputed in the backward pass rather than kept.
+LOGITS_BUDGET = 2 ** 26
+
+
 def token_log_probs_and_entropy(params: Params, config: DecoderConfig, tokens: jax.Array,
-                                attention_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+                                attention_mask: jax.Array, *, logits_budget: int = LOGITS_BUDGET
+                                ) -> tuple[jax.Array, jax.Array]:
     """`token_log_probs` and the entropy of the distribution each token was drawn from, both [B, T].
 
     One forward pass for both (the RL loss logs the policy's entropy); under jit an unused entropy costs
-    nothing.
+    nothing. When the [B, T, V] logits exceed `logits_budget` elements (a 150k vocabulary at 32 × 512 is
+    10 GB per copy), positions are scored `logits_budget // (B · V)` at a time under `jax.checkpoint`, so
+    memory stays at one chunk's logits in the forward and the backward pass alike.
     """
-    logits = forward(params, config, tokens, attention_mask)[:, :-1]
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
-    entropy = log_z - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1)
+    module = Decoder(config)
+    hidden, _ = module.apply({"params": params}, tokens, attention_mask)
+    hidden, targets = hidden[:, :-1], tokens[:, 1:]
+
+    def score(hidden: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+        logits = module.apply({"params": params}, hidden, method="logits")
+        log_z = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        return picked - log_z, log_z - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1)
+
+    batch, positions = targets.shape
+    chunk = max(1, logits_budget // (batch * config.vocab_size))  # positions per chunk, whole rows kept
+    if positions <= chunk:
+        logp, entropy = score(hidden, targets)
+    else:  # chunks along the sequence: the batch axis (and its sharding) stays as it is
+        chunks = -(-positions // chunk)
+        pad = chunks * chunk - positions
+        split = lambda x: jnp.moveaxis(jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)).reshape(
+            batch, chunks, chunk, *x.shape[2:]), 1, 0)
+        scores = jax.lax.map(lambda block: jax.checkpoint(score)(*block), (split(hidden), split(targets)))
+        logp, entropy = (jnp.moveaxis(x, 0, 1).reshape(batch, -1)[:, :positions] for x in scores)
     mask = attention_mask.astype(bool)
     scored = mask[:, 1:] & mask[:, :-1]
     pad = lambda x: jnp.pad(jnp.where(scored, x, 0.0), ((0, 0), (1, 0)))
-    return pad(picked - log_z), pad(entropy)
+    return pad(logp), pad(entropy)
 
 
 def init_cache(config: DecoderConfig, batch_size: int, max_len: int) -> KVCache:

@@ -38,6 +38,16 @@ def _without_empty(tree: Any) -> Any:
     return jax.tree_util.tree_map(lambda x: None if _is_empty(x) else x, tree)
 
 
+def _leaf_paths(tree: Any) -> set[str]:
+    """Leaf paths as "a/b/0" strings, whatever the containers (dicts, named tuples, orbax metadata)."""
+    def name(key) -> str:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+    return {"/".join(name(k) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 class Checkpointer:
     """Saves every `save_every` steps, keeps the newest `max_to_keep`, restores the newest good one."""
 
@@ -85,6 +95,10 @@ class Checkpointer:
                     step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_without_empty(abstract)),
                                                   meta=ocp.args.JsonRestore()))
             except Exception as err:  # noqa: BLE001 - any unreadable step falls back to the previous one
+                mismatch = self._structure_mismatch(step, abstract)
+                if mismatch:  # the caller asked for another state, the files are fine: keep them
+                    raise ValueError(f"checkpoint step {step} in {self.directory} holds a different state tree "
+                                     f"than the one asked for ({mismatch}); nothing was moved") from err
                 logging.warning("checkpoint step %d in %s is unreadable (%s: %s); trying an older one",
                                 step, self.directory, type(err).__name__, err)
                 self._set_aside(step)
@@ -94,6 +108,23 @@ class Checkpointer:
                 is_leaf=lambda x: x is None)
             return Restored(step=step, state=state, meta=dict(out["meta"]))
         return None
+
+    def _structure_mismatch(self, step: int, abstract: Any) -> str:
+        """What differs between the leaves stored at `step` and those of `abstract` ("" when they agree or
+        the step's metadata cannot be read, i.e. when the step itself is damaged)."""
+        try:
+            reader = ocp.CheckpointManager(self.directory, item_handlers={
+                "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+            stored = _leaf_paths(reader.item_metadata(step)["state"])
+        except Exception:  # noqa: BLE001 - unreadable metadata: a damaged step, not a mismatch
+            return ""
+        wanted = _leaf_paths(_without_empty(abstract))
+        if not stored or stored == wanted:
+            return ""
+        missing, extra = sorted(wanted - stored), sorted(stored - wanted)
+        return "; ".join(f"{what} {', '.join(paths[:3])}{' ...' if len(paths) > 3 else ''}"
+                         for what, paths in (("not stored:", missing), ("stored but not asked for:", extra))
+                         if paths)
 
     def _set_aside(self, step: int) -> None:
         """Renames an unreadable step's folder so the resumed run can save that step again."""
