@@ -25,7 +25,7 @@ step() {  # step SECONDS ARGS...: one bench with a time limit, its output kept i
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import jax, flax, optax, torch, transformers as t; print('jax', jax.__version__, jax.devices(), \
 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'transformers', t.__version__)"
-  step 90 $bench/bench_mesh.py --check_cpu
+  step 150 $bench/bench_mesh.py --check_cpu
   step 180 $bench/bench_mesh.py --preset qwen2.5-0.5b --dtype bfloat16 --batch 32 --length 512 \
     --sample_batch 64 --prompt_len 128 --new_tokens 128
   step 90 $bench/bench_sampling.py

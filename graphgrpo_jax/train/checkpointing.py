@@ -112,12 +112,14 @@ class Checkpointer:
     def _structure_mismatch(self, step: int, abstract: Any) -> str:
         """What differs between the leaves stored at `step` and those of `abstract` ("" when they agree or
         the step's metadata cannot be read, i.e. when the step itself is damaged)."""
+        reader = ocp.CheckpointManager(self.directory, item_handlers={
+            "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
         try:
-            reader = ocp.CheckpointManager(self.directory, item_handlers={
-                "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
             stored = _leaf_paths(reader.item_metadata(step)["state"])
         except Exception:  # noqa: BLE001 - unreadable metadata: a damaged step, not a mismatch
             return ""
+        finally:
+            reader.close()
         wanted = _leaf_paths(_without_empty(abstract))
         if not stored or stored == wanted:
             return ""
