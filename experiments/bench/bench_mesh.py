@@ -85,6 +85,7 @@ def check_against_cpu(config, model_config, optimizer, layout, shardings, step, 
 
 
 def generate_on(layout, shardings, model_config, new_tokens: int):
+    """The RL stage's sharded sampler for this layout (greedy calls pass `sampling.GREEDY`)."""
     return mesh_lib.shard_sampler(layout.mesh, shardings["params"], model_config, max_new_tokens=new_tokens,
                                   rules=layout.rule_map)
 
