@@ -35,17 +35,19 @@ MODEL_PRESETS = {
     # CPU experiments and benchmarks (the "small" shape of experiments/README.md).
     "small": dict(vocab_size=2048, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
                   head_dim=64, mlp_dim=1024, max_seq_len=512),
-    # Public checkpoints (shapes from their config.json).
+    # Public checkpoints (shapes from their config.json). bf16 compute over fp32 master weights: Adam
+    # updates at fine-tuning rates fall below a bf16 weight's resolution (at lr 1e-5 only ~15% of
+    # N(0, 0.02) weights change at all per step, at 1e-6 ~2%), so bf16 params would barely train.
     "qwen2.5-0.5b": dict(vocab_size=151_936, hidden_size=896, num_layers=24, num_heads=14,
                          num_kv_heads=2, head_dim=64, mlp_dim=4864, rope_theta=1_000_000.0,
-                         dtype="bfloat16", param_dtype="bfloat16", max_seq_len=4096),
+                         dtype="bfloat16", param_dtype="float32", max_seq_len=4096),
     "qwen2.5-1.5b": dict(vocab_size=151_936, hidden_size=1536, num_layers=28, num_heads=12,
                          num_kv_heads=2, head_dim=128, mlp_dim=8960, rope_theta=1_000_000.0,
-                         dtype="bfloat16", param_dtype="bfloat16", max_seq_len=4096),
+                         dtype="bfloat16", param_dtype="float32", max_seq_len=4096),
     "qwen3-0.6b": dict(arch="qwen3", vocab_size=151_936, hidden_size=1024, num_layers=28,
                        num_heads=16, num_kv_heads=8, head_dim=128, mlp_dim=3072,
                        rope_theta=1_000_000.0, qkv_bias=False, qk_norm=True,
-                       dtype="bfloat16", param_dtype="bfloat16", max_seq_len=4096),
+                       dtype="bfloat16", param_dtype="float32", max_seq_len=4096),
 }
 
 # Mesh axes are (data, fsdp, tensor); -1 means "all remaining devices".

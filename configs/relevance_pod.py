@@ -1,9 +1,10 @@
 r"""Relevance experiments at scale: Qwen2.5-1.5B-Instruct on one 8-GPU host or a TPU pod slice.
 
 The pipeline, stages and methods are those of `configs/relevance.py` (its `cpu` variant); this file
-changes the model (a Hugging Face checkpoint, bf16, rematerialised layers), the device mesh, and the
-batch and sequence sizes. Sharding: see `graphgrpo_jax/train/mesh.py` (vocab, heads and MLP over
-`tensor`, embeddings over `fsdp`, batches over `data` x `fsdp`).
+changes the model (a Hugging Face checkpoint, bf16 compute over fp32 master weights, rematerialised
+layers), the device mesh, and the batch and sequence sizes. Sharding: see `graphgrpo_jax/train/mesh.py`
+(vocab, heads and MLP over `tensor`, embeddings over `fsdp`, batches over `data` x `fsdp`).
+`tests/test_pod_variant.py` runs the `gpu8` variant end to end on a tiny local checkpoint folder.
 
 Checkpoint: download Qwen/Qwen2.5-1.5B-Instruct (config.json, model.safetensors, tokenizer files)
 once, yourself, to a local folder, e.g. `huggingface-cli download Qwen/Qwen2.5-1.5B-Instruct

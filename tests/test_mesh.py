@@ -92,7 +92,8 @@ def test_pod_configs_fit_their_slices(variant, num_devices):
     assert config.optim.batch_size % batch_shards == 0
     assert config.eval.batch_size % batch_shards == 0
     assert config.rl.prompts_per_step * config.grpo.num_generations % batch_shards == 0
-    assert decoder.DecoderConfig.from_config(config.model).param_dtype == "bfloat16"
+    model = decoder.DecoderConfig.from_config(config.model)
+    assert (model.dtype, model.param_dtype) == ("bfloat16", "float32")  # bf16 compute, fp32 master weights
     config.model.hf_checkpoint = "elsewhere"  # one override moves weights and tokenizer together
     assert config.tokenizer.hf_checkpoint == "elsewhere"
 
