@@ -1,0 +1,49 @@
+r"""A stand-in Hugging Face checkpoint folder: a model preset's exact shapes with random weights, and a BPE
+tokenizer trained on the synthetic world, for rehearsing the real-checkpoint variants where the real
+weights are not at hand (a machine without hub access, a dry run of a pod job).
+
+  python experiments/standin_checkpoint.py --preset=qwen2.5-1.5b --out=/tmp/standin-1.5b
+  python -m graphgrpo_jax.main --config=configs/relevance_pod.py:gpu8 \
+      --config.model.hf_checkpoint=/tmp/standin-1.5b --workdir=/tmp/pod_rehearsal
+
+The folder has what a downloaded checkpoint has (config.json, model.safetensors, tokenizer.json), so the
+run exercises everything the real one does: the data stage's tokenizer import, the safetensors import
+into the mesh, memory and step times at the real shape. Its accuracy figures mean nothing.
+"""
+
+import pathlib
+
+import jax
+from absl import app, flags, logging
+
+from configs import common, relevance
+from graphgrpo_jax import tokenization
+from graphgrpo_jax.data import prepare
+from graphgrpo_jax.models import decoder, hf
+
+_PRESET = flags.DEFINE_enum("preset", "qwen2.5-1.5b", sorted(common.MODEL_PRESETS), "Model shape.")
+_OUT = flags.DEFINE_string("out", None, "The checkpoint folder to write.")
+_VOCAB = flags.DEFINE_integer("tokenizer_vocab", None, "BPE size (default: 8192, or what the preset's vocab "
+                              "leaves beside the CoT tags); the world's text needs no more.")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Tensor dtype in the file.")
+flags.mark_flag_as_required("out")
+
+
+def main(_):
+    model = common.model_config(_PRESET.value, param_dtype=_DTYPE.value)
+    spare = model.vocab_size - len(prepare.node_tags())
+    vocab = min(8192, spare) if _VOCAB.value is None else _VOCAB.value
+    if vocab > spare:
+        raise ValueError(f"--tokenizer_vocab={vocab} plus {len(prepare.node_tags())} CoT tags does not fit the "
+                         f"{model.vocab_size}-row embedding of {_PRESET.value}")
+    out = pathlib.Path(_OUT.value)
+    params = decoder.init_params(decoder.DecoderConfig.from_config(model), jax.random.PRNGKey(0))
+    hf.save_hf(params, model, out)
+    world = prepare.load_world(relevance.get_config("cpu"))
+    tokenizer = tokenization.train_tokenizer(prepare.corpus(world), vocab, out)
+    logging.info("%s: random %s weights (%s) and a %d-token tokenizer", out, _PRESET.value, _DTYPE.value,
+                 len(tokenizer))
+
+
+if __name__ == "__main__":
+    app.run(main)
