@@ -14,6 +14,7 @@ into the mesh, memory and step times at the real shape. Its accuracy figures mea
 import pathlib
 
 import jax
+import ml_collections
 from absl import app, flags, logging
 
 from configs import common, relevance
@@ -26,22 +27,29 @@ _OUT = flags.DEFINE_string("out", None, "The checkpoint folder to write.")
 _VOCAB = flags.DEFINE_integer("tokenizer_vocab", None, "BPE size (default: 8192, or what the preset's vocab "
                               "leaves beside the CoT tags); the world's text needs no more.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Tensor dtype in the file.")
-flags.mark_flag_as_required("out")
+
+
+def write_checkpoint(folder, model: ml_collections.ConfigDict, texts, tokenizer_vocab: int, seed: int = 0):
+    """Writes config.json + model.safetensors (random weights of `model`'s shape, in its param dtype) and a
+    byte-level BPE of `tokenizer_vocab` tokens trained on `texts`, without the CoT tags (as a downloaded
+    checkpoint has none), to `folder`; returns the tokenizer."""
+    params = decoder.init_params(decoder.DecoderConfig.from_config(model), jax.random.PRNGKey(seed))
+    hf.save_hf(params, model, folder)
+    return tokenization.train_tokenizer(texts, tokenizer_vocab, folder)
 
 
 def main(_):
+    if not _OUT.value:
+        raise app.UsageError("--out is required")
     model = common.model_config(_PRESET.value, param_dtype=_DTYPE.value)
     spare = model.vocab_size - len(prepare.node_tags())
     vocab = min(8192, spare) if _VOCAB.value is None else _VOCAB.value
     if vocab > spare:
         raise ValueError(f"--tokenizer_vocab={vocab} plus {len(prepare.node_tags())} CoT tags does not fit the "
                          f"{model.vocab_size}-row embedding of {_PRESET.value}")
-    out = pathlib.Path(_OUT.value)
-    params = decoder.init_params(decoder.DecoderConfig.from_config(model), jax.random.PRNGKey(0))
-    hf.save_hf(params, model, out)
     world = prepare.load_world(relevance.get_config("cpu"))
-    tokenizer = tokenization.train_tokenizer(prepare.corpus(world), vocab, out)
-    logging.info("%s: random %s weights (%s) and a %d-token tokenizer", out, _PRESET.value, _DTYPE.value,
+    tokenizer = write_checkpoint(pathlib.Path(_OUT.value), model, prepare.corpus(world), vocab)
+    logging.info("%s: random %s weights (%s) and a %d-token tokenizer", _OUT.value, _PRESET.value, _DTYPE.value,
                  len(tokenizer))
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from configs import common, relevance, relevance_pod
+from experiments import standin_checkpoint
 from graphgrpo_jax import main, tokenization
 from graphgrpo_jax.data import prepare
 from graphgrpo_jax.models import decoder, hf
@@ -27,11 +28,9 @@ TOKENIZER_SIZE = 1024
 
 
 def _checkpoint(folder, world_corpus):
-    """Writes a Hugging Face checkpoint folder: random bf16 weights and a BPE tokenizer without CoT tags."""
+    """A Hugging Face checkpoint folder: random bf16 weights and a BPE tokenizer without CoT tags."""
     model = common.model_config("tiny", **CHECKPOINT_MODEL, dtype="bfloat16", param_dtype="bfloat16")
-    params = decoder.init_params(decoder.DecoderConfig.from_config(model), jax.random.PRNGKey(7))
-    hf.save_hf(params, model, folder)
-    tokenization.train_tokenizer(world_corpus, TOKENIZER_SIZE, folder)
+    standin_checkpoint.write_checkpoint(folder, model, world_corpus, TOKENIZER_SIZE, seed=7)
     return folder
 
 
