@@ -4,7 +4,8 @@ r"""Query rewriting (paper B): raw query vs single-task SFT vs multi-task SFT vs
   python experiments/rewrite_results.py --base=runs/rr --seeds=0 --fusions=rfusion,conv
 
 Per seed: one single-task SFT (rewrite generation only) and one multi-task SFT (generation + tagging,
-1:1); each GRPO variant starts from that seed's multi-task SFT policy. The seed changes the model's
+1:1); each GRPO variant starts from that seed's multi-task SFT policy (or, `--grpo_from=single`, from its
+single-task one, for fusions without the judge). The seed changes the model's
 initialisation, the batches and the sampling; the world (catalogue, queries) stays the same. Prints
 accuracy, recall@k and relevance@k on the chosen split as mean ± std over seeds (the gold rewrite is the
 ceiling of accuracy). Finished runs are reused, so an interrupted sweep resumes.
@@ -27,6 +28,8 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds.")
 _FUSIONS = flags.DEFINE_list("fusions", list(rewards.FUSION_MODES), "GRPO reward variants.")
 _SPLIT = flags.DEFINE_string("split", "test", "Held-out split of the table (test or ood).")
 _OVERRIDES = flags.DEFINE_multi_string("set", [], "Config overrides for every run, e.g. rl.num_steps=100.")
+_GRPO_FROM = flags.DEFINE_enum("grpo_from", "multi", ["multi", "single"], "The SFT policy GRPO starts from; "
+                               "`single` (no tagging task, so no judge) only with fusions that do not read r_rel.")
 
 METRICS = ("accuracy", "recall", "relevance")
 
@@ -58,11 +61,16 @@ def sweep_seed(seed: int) -> dict[str, dict]:
     rows = {"raw query": multi[f"raw/{split}"], "gold rewrite (ceiling)": multi[f"gold/{split}"],
             "single-task SFT": single[f"sft/{split}"], "multi-task SFT": multi[f"sft/{split}"]}
     for fusion in _FUSIONS.value:
-        rl_dir = os.path.join(base, f"grpo_{fusion}")
-        if not os.path.exists(rl_dir):  # start from this seed's multi-task SFT policy
-            shutil.copytree(multi_dir, rl_dir, ignore=shutil.ignore_patterns("rewrite_eval"))
-        rows[f"GRPO, reward {fusion}"] = _run(rl_dir, seed, ("rl", "rewrite_eval"), ("rl",),
-                                              **{"rewrite.fusion": fusion})[f"rl/{split}"]
+        rl_dir, sft_dir, label = os.path.join(base, f"grpo_{fusion}"), multi_dir, f"GRPO, reward {fusion}"
+        if _GRPO_FROM.value == "single":
+            if "rel" in rewards.FUSION_INPUTS[fusion]:
+                raise app.UsageError(f"--grpo_from=single: fusion {fusion!r} reads r_rel, whose judge is the "
+                                     "multi-task SFT's tagging task")
+            rl_dir, sft_dir = f"{rl_dir}_from_single", os.path.join(base, "single_task_sft")
+            label = f"GRPO from single-task SFT, reward {fusion}"
+        if not os.path.exists(rl_dir):  # start from this seed's SFT policy
+            shutil.copytree(sft_dir, rl_dir, ignore=shutil.ignore_patterns("rewrite_eval"))
+        rows[label] = _run(rl_dir, seed, ("rl", "rewrite_eval"), ("rl",), **{"rewrite.fusion": fusion})[f"rl/{split}"]
     return rows
 
 
@@ -77,7 +85,7 @@ def main(_):
         cells = []
         for metric in METRICS:
             values = np.array([reports[row][metric] for reports in per_seed])
-            cells.append(f"{values.mean():.3f} ± {values.std():.3f}" if len(values) > 1 else f"{values[0]:.3f}")
+            cells.append(f"{values.mean():.3f} ± {values.std(ddof=1):.3f}" if len(values) > 1 else f"{values[0]:.3f}")
         print(f"| {row} | " + " | ".join(cells) + " |")
 
 
