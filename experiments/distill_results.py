@@ -3,10 +3,12 @@ r"""Multi-head vs single-head MiniLM students vs the teacher LLM (METHOD.md A5),
   python -m graphgrpo_jax.main --config=configs/relevance.py:cpu --workdir=/tmp/distill_wd
   python experiments/distill_results.py --workdir=/tmp/distill_wd
   python experiments/distill_results.py --workdir=/tmp/distill_wd --num_steps=100 --esci=
+  python experiments/distill_results.py --workdir=/tmp/distill_wd --seeds=0,1,2 --students=distill,distill_single
 
 From the workdir's policy (`config.distill.policy`, default the RL checkpoint) it computes the teacher once
 (`<workdir>/distill/teacher.npz`), then trains three students with the `distill` stage, each under its own
-stage name so they coexist in the workdir (a re-run resumes or reuses them):
+stage name so they coexist in the workdir (a re-run resumes or reuses them; seeds other than 0 append
+`_seed<k>`, a `--node_lambda` other than 1 appends `_lam<value>` to the multi-head students):
 
   distill         heads y, ms, ma, distilled on the synthetic train split
   distill_single  head y only, same data (the single-head baseline of METHOD.md A5)
@@ -33,18 +35,23 @@ from graphgrpo_jax.train import distill, rl
 
 _DEFAULT_ESCI = pathlib.Path(__file__).resolve().parents[2] / "shared/data/esci-graded-subset/esci_pairs.jsonl"
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A relevance workdir with data, sft and rl stages done.")
-_ESCI = flags.DEFINE_string("esci", str(_DEFAULT_ESCI), "Flat ESCI JSONL; empty to skip the ESCI table.")
-_NUM_STEPS = flags.DEFINE_integer("num_steps", None, "Student training steps (default: config.distill).")
-_REPEATS = flags.DEFINE_integer("latency_repeats", 5, "Timed batches per batch size (median reported).")
-flags.mark_flag_as_required("workdir")
-
 STUDENTS = {
     "distill": dict(heads=("y", "ms", "ma"), sources=("world",)),
     "distill_single": dict(heads=("y",), sources=("world",)),
     "distill_esci": dict(heads=("y", "ms", "ma"), sources=("world", "esci")),
 }
 NODES = ("ms", "ma")
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A relevance workdir with data, sft and rl stages done.")
+_ESCI = flags.DEFINE_string("esci", str(_DEFAULT_ESCI), "Flat ESCI JSONL; empty to skip the ESCI table.")
+_NUM_STEPS = flags.DEFINE_integer("num_steps", None, "Student training steps (default: config.distill).")
+_REPEATS = flags.DEFINE_integer("latency_repeats", 5, "Timed batches per batch size (median reported).")
+_SEEDS = flags.DEFINE_list("seeds", ["0"], "Student seeds (init of the heads, batch order); the tables report "
+                           "mean ± std over them. Seed 0 keeps the plain stage names.")
+_STUDENTS = flags.DEFINE_list("students", list(STUDENTS), "Which students to train and report.")
+_NODE_LAMBDA = flags.DEFINE_float("node_lambda", 1.0, "λ of the ms and ma heads (y keeps 1); a value other "
+                                  "than 1 trains the multi-head students under names ending in _lam<value>.")
+flags.mark_flag_as_required("workdir")
 
 
 def _config(workdir: str) -> ml_collections.ConfigDict:
@@ -60,6 +67,34 @@ def _config(workdir: str) -> ml_collections.ConfigDict:
 
 def _fmt(value) -> str:
     return "–" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.3f}"
+
+
+def _stat(values) -> str:
+    """One value as is; several as mean ± std (ddof 1) over seeds."""
+    values = [v for v in values if v is not None]
+    if len(values) < 2:
+        return _fmt(values[0] if values else None)
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+
+
+def student_configs(config: ml_collections.ConfigDict) -> dict[str, list[ml_collections.ConfigDict]]:
+    """The students to train, by row label, one config per seed; each trains under its own stage name."""
+    runs = {}
+    for name in _STUDENTS.value:
+        variant = dict(STUDENTS[name])
+        if config.distill.esci_path == "" and "esci" in variant["sources"]:
+            continue
+        label = name
+        if _NODE_LAMBDA.value != 1.0 and len(variant["heads"]) > 1:
+            variant["loss_weights"] = dict(y=1.0, ms=_NODE_LAMBDA.value, ma=_NODE_LAMBDA.value)
+            label = f"{name}_lam{_NODE_LAMBDA.value:g}"
+        runs[label] = []
+        for seed in map(int, _SEEDS.value):
+            run_config = copy.deepcopy(config)
+            run_config.seed = seed
+            run_config.distill.update(run_name=label if seed == 0 else f"{label}_seed{seed}", **variant)
+            runs[label].append(run_config)
+    return runs
 
 
 def teacher_rows(config, workdir: str, world, esci_data):
@@ -94,52 +129,48 @@ def main(_):
     esci_data = esci.read_flat_jsonl(_ESCI.value, test_fraction=config.distill.esci_test_fraction) \
         if _ESCI.value else None
 
-    reports, configs = {}, {}
-    for name, variant in STUDENTS.items():
-        if esci_data is None and "esci" in variant["sources"]:
-            continue
-        configs[name] = copy.deepcopy(config)
-        configs[name].distill.update(run_name=name, **variant)
-        reports[name] = distill.run(configs[name], workdir)
+    configs = student_configs(config)
+    reports = {label: [distill.run(run_config, workdir) for run_config in runs] for label, runs in configs.items()}
+    first = next(iter(reports.values()))[0]
 
     policy_params, teacher_synthetic, teacher_esci = teacher_rows(config, workdir, world, esci_data)
-    num_test = reports["distill"]["synthetic_test"]["num_examples"]
-    print(f"\n### Synthetic test split ({num_test} pairs; policy = {config.distill.policy}, "
-          f"teacher = {config.distill.teacher}, {config.distill.num_steps} student steps)\n")
+    print(f"\n### Synthetic test split ({first['synthetic_test']['num_examples']} pairs; policy = "
+          f"{config.distill.policy}, teacher = {config.distill.teacher}, {config.distill.num_steps} student "
+          f"steps, seeds {','.join(_SEEDS.value)})\n")
     print("| model | accuracy | macro-F1 | Irrelevant F1 | acc ms | acc ma | KL y | KL ms | KL ma |")
     print("|---|---|---|---|---|---|---|---|---|")
     t = teacher_synthetic
     print(f"| teacher LLM, greedy CoT (format failures {t['format_failures']:.3f}) | {_fmt(t['accuracy'])} | "
           f"{_fmt(t['macro_f1'])} | {_fmt(t['irrelevant_f1'])} | {_fmt(t['acc_ms'])} | {_fmt(t['acc_ma'])} "
           f"| – | – | – |")
-    for name, report in reports.items():
-        synthetic = report["synthetic_test"]
-        head = student.headline(synthetic["label"])
-        acc, kl = synthetic["per_node_accuracy"], synthetic["held_out_kl"]
-        print(f"| student `{name}` ({'+'.join(report['heads'])}) | {_fmt(head['accuracy'])} | "
-              f"{_fmt(head['macro_f1'])} | {_fmt(head['irrelevant_f1'])} | {_fmt(acc.get('ms'))} | "
-              f"{_fmt(acc.get('ma'))} | {_fmt(kl.get('y'))} | {_fmt(kl.get('ms'))} | {_fmt(kl.get('ma'))} |")
+    for label, runs in reports.items():
+        heads = [student.headline(r["synthetic_test"]["label"]) for r in runs]
+        accuracy = [r["synthetic_test"]["per_node_accuracy"] for r in runs]
+        kl = [r["synthetic_test"]["held_out_kl"] for r in runs]
+        cells = [_stat([h[key] for h in heads]) for key in ("accuracy", "macro_f1", "irrelevant_f1")]
+        cells += [_stat([a.get(node) for a in accuracy]) for node in NODES]
+        cells += [_stat([k.get(node) for k in kl]) for node in ("y",) + NODES]
+        print(f"| student `{label}` ({'+'.join(runs[0]['heads'])}) | " + " | ".join(cells) + " |")
 
     if esci_data is not None:
-        num_esci = reports["distill"]["esci_test"]["student"]["num_examples"]
-        print(f"\n### ESCI graded subset, held-out queries ({num_esci} pairs; "
+        majority = first["esci_test"]["majority"]
+        print(f"\n### ESCI graded subset, held-out queries ({first['esci_test']['student']['num_examples']} pairs; "
               f"{len(esci_data.split('train'))} training pairs)\n")
         print("| model | accuracy | macro-F1 | Irrelevant F1 |")
         print("|---|---|---|---|")
-        majority = reports["distill"]["esci_test"]["majority"]
-        rows = [(f"majority class ({majority['majority_label']})", majority),
-                ("teacher LLM, greedy CoT (zero-shot)", teacher_esci)]
-        rows += [(f"student `{name}`" + ("" if "esci" in STUDENTS[name]["sources"] else " (zero-shot)"),
-                  report["esci_test"]["student"]) for name, report in reports.items()]
-        for label, report in rows:
-            head = student.headline(report)
-            print(f"| {label} | {_fmt(head['accuracy'])} | {_fmt(head['macro_f1'])} | "
-                  f"{_fmt(head['irrelevant_f1'])} |")
+        rows = [(f"majority class ({majority['majority_label']})", [majority]),
+                ("teacher LLM, greedy CoT (zero-shot)", [teacher_esci])]
+        rows += [(f"student `{label}`" + ("" if "esci" in configs[label][0].distill.sources else " (zero-shot)"),
+                  [r["esci_test"]["student"] for r in runs]) for label, runs in reports.items()]
+        for label, row_reports in rows:
+            heads = [student.headline(r) for r in row_reports]
+            print(f"| {label} | " + " | ".join(_stat([h[key] for h in heads])
+                                               for key in ("accuracy", "macro_f1", "irrelevant_f1")) + " |")
 
     pairs = world.split_pairs("test")
     queries, titles = [p.query for p in pairs], [p.product_title for p in pairs]
     encoder_config = distill.student_config()
-    student_params = distill.restore_student(configs["distill"], workdir)
+    student_params = distill.restore_student(next(iter(configs.values()))[0], workdir)
     student_timing = student.seconds_per_pair(
         student.student_runner(student_params, encoder_config, encoder.load_pair_tokenizer(encoder.minilm_folder()),
                                queries, titles, config.distill.max_length), repeats=_REPEATS.value)
@@ -152,7 +183,7 @@ def main(_):
           f"{_REPEATS.value} batches)\n")
     print("| model | batch 1 | batch 64 |")
     print("|---|---|---|")
-    print(f"| student (MiniLM-L6, 3 heads, {config.distill.max_length} tokens) | "
+    print(f"| student (MiniLM-L6, {len(first['heads'])} heads, {config.distill.max_length} tokens) | "
           f"{student_timing[1] * 1e3:.2f} ms | {student_timing[64] * 1e3:.2f} ms |")
     print(f"| policy greedy CoT ({config.model.preset}, {config.data.max_response_len} new tokens max) | "
           f"{policy_timing[1] * 1e3:.2f} ms | {policy_timing[64] * 1e3:.2f} ms |")
