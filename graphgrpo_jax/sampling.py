@@ -147,6 +147,7 @@ def decode(params: decoder.Params, config: decoder.DecoderConfig, cache: decoder
     batch = next_logits.shape[0]
     eos_ids = jnp.atleast_1d(jnp.asarray(eos_ids, jnp.int32))
     pad_id = jnp.asarray(pad_id, jnp.int32)
+    params = decoder.decoding_params(params, config)  # per-layer slices once, not at every step
 
     def body(state: _LoopState) -> _LoopState:
         token = sample_tokens(state.next_logits, jax.random.fold_in(rng, state.step), sampling)

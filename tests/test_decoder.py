@@ -84,7 +84,7 @@ def test_rope_rotates_pairs_half_a_head_apart():
 def test_grouped_query_attention_matches_numpy_loop():
     rng = np.random.default_rng(0)
     B, T, S, H, K, Dh = 2, 3, 5, 4, 2, 8
-    q, k, v = (rng.normal(size=s).astype(np.float32) for s in ((B, T, H, Dh), (B, S, K, Dh), (B, S, K, Dh)))
+    q, k, v = (rng.normal(size=s).astype(np.float32) for s in ((B, T, H, Dh), (B, K, S, Dh), (B, K, S, Dh)))
     allowed = rng.random((B, T, S)) < 0.6
     allowed[:, :, 0] = True
     got = np.asarray(decoder.grouped_query_attention(q, k, v, allowed))
@@ -93,10 +93,10 @@ def test_grouped_query_attention_matches_numpy_loop():
         for t in range(T):
             for h in range(H):
                 kv = h // (H // K)
-                scores = k[b, :, kv] @ q[b, t, h] / np.sqrt(Dh)
+                scores = k[b, kv] @ q[b, t, h] / np.sqrt(Dh)
                 scores = np.where(allowed[b, t], scores, -np.inf)
                 probs = np.exp(scores - scores.max())
-                want[b, t, h] = (probs / probs.sum()) @ v[b, :, kv]
+                want[b, t, h] = (probs / probs.sum()) @ v[b, kv]
     np.testing.assert_allclose(got, want, atol=1e-6)
 
 
@@ -137,17 +137,19 @@ def test_token_log_probs_scores_next_tokens_and_zeroes_unconditioned_positions(p
         np.testing.assert_array_equal(got[row, :first + 1], 0.0)  # padding and the context-free first token
 
 
-def test_prefill_then_single_steps_match_full_forward(params):
+@pytest.mark.parametrize("scan_unroll", [1, CONFIG.num_layers])
+def test_prefill_then_single_steps_match_full_forward(params, scan_unroll):
     tokens = random_tokens(6, (2, LENGTH))
     mask = np.ones_like(tokens, dtype=bool)
     mask[0, :4], mask[1, :2] = False, False  # prompts of different lengths
     full = np.asarray(forward(params, CONFIG, tokens, mask))
+    config = dataclasses.replace(CONFIG, scan_unroll=scan_unroll)
     prompt_len = 8
-    cache = decoder.init_cache(CONFIG, batch_size=2, max_len=LENGTH)
-    logits, cache = extend_cache(params, CONFIG, cache, tokens[:, :prompt_len], mask[:, :prompt_len])
+    cache = decoder.init_cache(config, batch_size=2, max_len=LENGTH)
+    logits, cache = extend_cache(params, config, cache, tokens[:, :prompt_len], mask[:, :prompt_len])
     np.testing.assert_allclose(logits, full[:, prompt_len - 1], atol=1e-5)
     for t in range(prompt_len, LENGTH):
-        logits, cache = extend_cache(params, CONFIG, cache, tokens[:, t:t + 1], mask[:, t:t + 1])
+        logits, cache = extend_cache(params, config, cache, tokens[:, t:t + 1], mask[:, t:t + 1])
         np.testing.assert_allclose(logits, full[:, t], atol=1e-5)
     assert int(cache.end) == LENGTH
     np.testing.assert_array_equal(cache.valid, mask)
@@ -169,17 +171,19 @@ def test_bfloat16_model_returns_fp32_logits_close_to_fp32(params):
     assert np.abs(np.asarray(low) - high).max() < 0.05 * np.abs(high).max()
 
 
-def test_remat_gives_the_same_gradients(params):
+@pytest.mark.parametrize("change", [dict(remat=True), dict(scan_unroll=CONFIG.num_layers)], ids=str)
+def test_remat_and_unrolled_layers_give_the_same_gradients(params, change):
+    """Execution knobs: recomputing layers, or unrolling the layer scan, leave the maths alone."""
     tokens = random_tokens(9, (2, LENGTH))
     mask = np.ones_like(tokens, dtype=bool)
 
     def loss(params, config):
         return -decoder.token_log_probs(params, config, tokens, mask).sum()
 
-    grad = jax.jit(jax.grad(loss), static_argnums=1)
+    grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
     plain = grad(params, CONFIG)
-    remat = grad(params, dataclasses.replace(CONFIG, remat=True))
-    for a, b in zip(jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(remat)):
+    changed = grad(params, dataclasses.replace(CONFIG, **change))
+    for a, b in zip(jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(changed)):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 

@@ -4,6 +4,7 @@ The model is the perturbed Qwen2 parity fixture: its logits are far from uniform
 and sampled tokens differ from greedy ones.
 """
 
+import dataclasses
 import pathlib
 
 import jax
@@ -59,8 +60,12 @@ def generate(model, prompts, rng=0, eos=NEVER, **knobs):
                              sampling=sampling.SamplingParams(**knobs))
 
 
-def test_greedy_matches_recomputation_and_log_probs_match_teacher_forcing(model, prompts, greedy_by_recompute):
+@pytest.mark.parametrize("unrolled", [False, True], ids=["scanned", "unrolled"])
+def test_greedy_matches_recomputation_and_log_probs_match_teacher_forcing(model, prompts, greedy_by_recompute,
+                                                                          unrolled):
     config, params = model
+    if unrolled:  # per-layer params and caches in the decode loop (`DecoderConfig.unrolled`)
+        model = dataclasses.replace(config, scan_unroll=config.num_layers), params
     out = generate(model, prompts, temperature=0.0)
     np.testing.assert_array_equal(out.tokens, greedy_by_recompute)
     assert len(set(np.asarray(out.tokens).ravel().tolist())) > 3  # varied paths, not one repeated token

@@ -25,6 +25,9 @@ are one ``nn.scan``; logical axis names in brackets, see ``param_logical_axes``)
     layers/mlp/down_proj/kernel         [L, F, D]     (layers, mlp, embed)
     norm/scale                          [D]           (embed,)
     lm_head                             [D, V]        (embed, vocab)                  if not tied
+
+Decoding an unrolled model (`DecoderConfig.unrolled`, the CPU presets) splits the stack once into
+``layers_0 ... layers_{L-1}`` (`decoding_params`) and keeps one KV cache per layer.
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ class DecoderConfig(DtypeFields):
     param_dtype: str = "float32"
     max_seq_len: int = 2048
     remat: bool = False  # recompute each layer in the backward pass: memory for compute
+    scan_unroll: int = 1  # layers per iteration of the scanned stack; num_layers unrolls it (see below)
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -92,6 +96,13 @@ class DecoderConfig(DtypeFields):
         for field in ("dtype", "param_dtype"):
             if getattr(self, field) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"model.{field}={getattr(self, field)!r} is not float32, bfloat16 or float16")
+
+    @property
+    def unrolled(self) -> bool:
+        """Whether the layers run unrolled: training unrolls the scan, and decoding keeps per-layer params
+        and caches (`decoding_params`, `init_cache`). On CPU this saves copying every layer's weights and
+        K/V out of the stacks at every decode step; big models on accelerators keep the scan (compile time)."""
+        return self.scan_unroll >= self.num_layers
 
     @classmethod
     def from_config(cls, cfg) -> "DecoderConfig":
@@ -108,13 +119,16 @@ class DecoderConfig(DtypeFields):
 class KVCache(NamedTuple):
     """Keys and values of every layer for ``max_len`` slots, filled left to right.
 
+    Stacked as [L, B, K, S, Dh] arrays, or, for an unrolled model (`DecoderConfig.unrolled`), as tuples of
+    L arrays [B, K, S, Dh] that each layer updates in place.
+
     All rows write the same slot at each step (prompts are left-padded), so ``end`` is one scalar;
     ``valid`` marks which slots hold real tokens (False for prompt padding), and a row's next rotary
     position is its count of valid slots.
     """
 
-    keys: jax.Array  # [L, B, S, K, Dh]
-    values: jax.Array  # [L, B, S, K, Dh]
+    keys: jax.Array | tuple[jax.Array, ...]  # [L, B, K, S, Dh]: heads-major, see `grouped_query_attention`
+    values: jax.Array | tuple[jax.Array, ...]
     valid: jax.Array  # [B, S] bool
     end: jax.Array  # [] int32: the next slot to write
 
@@ -181,20 +195,24 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def grouped_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
-    """Grouped-query attention: q [B, T, H, Dh], k/v [B, S, K, Dh], allowed [B, T, S] -> [B, T, H, Dh].
+    """Grouped-query attention: q [B, T, H, Dh], k/v [B, K, S, Dh], allowed [B, T, S] -> [B, T, H, Dh].
 
     Query head h reads kv head h // (H / K), as Hugging Face's `repeat_kv`. Scores and softmax are fp32.
-    A query with no allowed key (a padding position) gets a uniform mix instead of NaN; its output is
-    never used.
+    Keys and values are heads-major, the layout of the KV cache, so that each dot's batch axes (B, K)
+    lead and a decode step reads the cache without a transposed copy. A query with no allowed key (a
+    padding position) gets a uniform mix instead of NaN; its output is never used.
     """
     batch, length, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[2]
+    num_kv_heads = k.shape[1]
     q = q.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * head_dim ** -0.5
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * head_dim ** -0.5
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(batch, length, num_heads, head_dim)
+    # probs [B, K, G, T, S] x v [B, K, S, Dh] as a plain batched matmul (probs on the left), then to [B, T, ...].
+    out = jax.lax.dot_general(probs.reshape(batch, num_kv_heads, -1, probs.shape[-1]), v,
+                              (((3,), (2,)), ((0, 1), (0, 1))))
+    out = out.reshape(batch, num_kv_heads, num_heads // num_kv_heads, length, head_dim)
+    return jnp.moveaxis(out, 3, 1).reshape(batch, length, num_heads, head_dim)
 
 
 class Attention(nn.Module):
@@ -219,11 +237,16 @@ class Attention(nn.Module):
             q = RMSNorm(name="q_norm", **norm)(q)
             k = RMSNorm(name="k_norm", **norm)(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = (jnp.swapaxes(x, 1, 2) for x in (k, v))  # [B, K, T, Dh], see `grouped_query_attention`
 
-        if cache_kv is not None:
+        if cache_kv is not None and layer is None:  # this layer's own cache [B, K, S, Dh]
+            cache_kv = tuple(jax.lax.dynamic_update_slice(cached, new.astype(cached.dtype), (0, 0, write_slot, 0))
+                             for cached, new in zip(cache_kv, (k, v)))
+            k, v = cache_kv
+        elif cache_kv is not None:
             # Write this layer's new keys/values into the whole stacked cache (in place: it is the scan's
             # carry), then attend over this layer's slice of it.
-            where = (layer, 0, write_slot, 0, 0)
+            where = (layer, 0, 0, write_slot, 0)
             cache_kv = tuple(jax.lax.dynamic_update_slice(stack, new[None].astype(stack.dtype), where)
                              for stack, new in zip(cache_kv, (k, v)))
             k, v = (jax.lax.dynamic_index_in_dim(stack, layer, keepdims=False) for stack in cache_kv)
@@ -277,16 +300,20 @@ class Decoder(nn.Module):
     """
 
     config: DecoderConfig
+    per_layer: bool = False  # params as `decoding_params` lays them out, one `layers_i` per layer
 
     def setup(self):
         cfg = self.config
         self.embed_tokens = self.param("embed_tokens", _dense_init(("vocab", "embed")),
                                        (cfg.vocab_size, cfg.hidden_size), cfg.weight_dtype)
-        layer = nn.remat(DecoderLayer, prevent_cse=False) if cfg.remat else DecoderLayer
-        self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                              in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                              length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
-                              )(cfg, name="layers")
+        if self.per_layer:
+            self.layers = [DecoderLayer(cfg) for _ in range(cfg.num_layers)]  # named layers_0, layers_1, ...
+        else:
+            layer = nn.remat(DecoderLayer, prevent_cse=False) if cfg.remat else DecoderLayer
+            self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                                  in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                                  length=cfg.num_layers, unroll=cfg.scan_unroll,
+                                  metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
         self.norm = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.weight_dtype, name="norm")
         if not cfg.tie_embeddings:
             self.lm_head = self.param("lm_head", _dense_init(("embed", "vocab")),
@@ -313,7 +340,16 @@ class Decoder(nn.Module):
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
 
         x = jnp.take(self.embed_tokens, tokens, axis=0).astype(cfg.compute_dtype)
-        (x, cache_kv), _ = self.layers((x, cache_kv), jnp.arange(cfg.num_layers), cos, sin, allowed, write_slot)
+        if self.per_layer:
+            per_layer_kv = []
+            for i, layer in enumerate(self.layers):
+                layer_kv = None if cache_kv is None else (cache_kv[0][i], cache_kv[1][i])
+                (x, layer_kv), _ = layer((x, layer_kv), None, cos, sin, allowed, write_slot)
+                per_layer_kv.append(layer_kv)
+            cache_kv = None if cache_kv is None else tuple(map(tuple, zip(*per_layer_kv)))
+        else:
+            (x, cache_kv), _ = self.layers((x, cache_kv), jnp.arange(cfg.num_layers), cos, sin, allowed,
+                                           write_slot)
         hidden = self.norm(x)
         if cache is not None:
             cache = KVCache(*cache_kv, valid=key_valid, end=cache.end + length)
@@ -412,9 +448,25 @@ def init_cache(config: DecoderConfig, batch_size: int, max_len: int) -> KVCache:
     """An empty cache with room for `max_len` tokens per row (prompt padding included)."""
     if max_len > config.max_seq_len:
         raise ValueError(f"cache length {max_len} exceeds model.max_seq_len={config.max_seq_len}")
-    shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_dim)
-    return KVCache(keys=jnp.zeros(shape, config.compute_dtype), values=jnp.zeros(shape, config.compute_dtype),
-                   valid=jnp.zeros((batch_size, max_len), bool), end=jnp.zeros((), jnp.int32))
+    shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
+    if config.unrolled:
+        keys, values = ([jnp.zeros(shape, config.compute_dtype) for _ in range(config.num_layers)] for _ in "kv")
+        keys, values = tuple(keys), tuple(values)
+    else:
+        keys, values = (jnp.zeros((config.num_layers, *shape), config.compute_dtype) for _ in "kv")
+    return KVCache(keys=keys, values=values, valid=jnp.zeros((batch_size, max_len), bool),
+                   end=jnp.zeros((), jnp.int32))
+
+
+def decoding_params(params: Params, config: DecoderConfig) -> Params:
+    """The params `extend_cache` reads: for an unrolled model, the layer stack split into `layers_0`,
+    `layers_1`, ... once, outside a decode loop (inside it, XLA would copy each slice at every step);
+    otherwise `params` as they are. Idempotent."""
+    if not config.unrolled or "layers" not in params:
+        return params
+    split = {f"layers_{i}": jax.tree_util.tree_map(lambda x, i=i: x[i], params["layers"])
+             for i in range(config.num_layers)}
+    return {**{k: v for k, v in params.items() if k != "layers"}, **split}
 
 
 def extend_cache(params: Params, config: DecoderConfig, cache: KVCache, tokens: jax.Array,
@@ -422,10 +474,12 @@ def extend_cache(params: Params, config: DecoderConfig, cache: KVCache, tokens: 
     """Feeds tokens [B, T] into the cache; returns fp32 logits [B, V] for the token after the last one.
 
     Prefill is this call with the left-padded prompt, each decode step is it with T = 1. The caller keeps
-    ``cache.end + T`` within the cache length (writes past the end are clamped by XLA, silently).
+    ``cache.end + T`` within the cache length (writes past the end are clamped by XLA, silently). A decode
+    loop passes `decoding_params(params, config)`, made once before the loop.
     """
     def last_logits(module: Decoder, tokens, attention_mask, cache):
         hidden, cache = module(tokens, attention_mask, cache)
         return module.logits(hidden[:, -1]), cache
 
-    return Decoder(config).apply({"params": params}, tokens, attention_mask, cache, method=last_logits)
+    return Decoder(config, per_layer=config.unrolled).apply(
+        {"params": decoding_params(params, config)}, tokens, attention_mask, cache, method=last_logits)

@@ -171,8 +171,9 @@ class SelfAttention(nn.Module):
                                    bias_init=_zeros_init(("heads", "head_dim")), **dense)(x)
 
         # Bidirectional: every query may read every real key (one kv head per query head).
-        out = grouped_query_attention(projection("query"), projection("key"), projection("value"),
-                                      key_valid[:, None, :])
+        heads_major = lambda x: jnp.swapaxes(x, 1, 2)  # [B, T, N, Dh] -> [B, N, T, Dh]
+        out = grouped_query_attention(projection("query"), heads_major(projection("key")),
+                                      heads_major(projection("value")), key_valid[:, None, :])
         return nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), name="output",
                                kernel_init=_dense_init(("heads", "head_dim", "embed")),
                                bias_init=_zeros_init(("embed",)), **dense)(out)
