@@ -41,6 +41,8 @@ def test_config_errors_name_the_field():
         decoder.DecoderConfig.from_config(model_config("tiny", num_kv_heads=3))
     with pytest.raises(ValueError, match="arch='gpt2'"):
         decoder.DecoderConfig.from_config(model_config("tiny", arch="gpt2"))
+    with pytest.raises(ValueError, match="scan_unroll=0"):
+        decoder.DecoderConfig.from_config(model_config("tiny", scan_unroll=0))
     cfg = model_config("tiny")
     del cfg["mlp_dim"]
     with pytest.raises(ValueError, match="mlp_dim"):

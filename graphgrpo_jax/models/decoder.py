@@ -26,7 +26,7 @@ are one ``nn.scan``; logical axis names in brackets, see ``param_logical_axes``)
     norm/scale                          [D]           (embed,)
     lm_head                             [D, V]        (embed, vocab)                  if not tied
 
-Decoding an unrolled model (`DecoderConfig.unrolled`, the CPU presets) splits the stack once into
+Decoding an unrolled model (`DecoderConfig.unrolled`, e.g. the small CPU preset) splits the stack once into
 ``layers_0 ... layers_{L-1}`` (`decoding_params`) and keeps one KV cache per layer.
 """
 
@@ -83,7 +83,7 @@ class DecoderConfig(DtypeFields):
     param_dtype: str = "float32"
     max_seq_len: int = 2048
     remat: bool = False  # recompute each layer in the backward pass: memory for compute
-    scan_unroll: int = 1  # layers per iteration of the scanned stack; num_layers unrolls it (see below)
+    scan_unroll: int = 1  # layers per iteration of the scanned stack; num_layers unrolls it (`unrolled`)
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -91,6 +91,8 @@ class DecoderConfig(DtypeFields):
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"model.num_heads={self.num_heads} is not a multiple of "
                              f"model.num_kv_heads={self.num_kv_heads}")
+        if self.scan_unroll < 1:
+            raise ValueError(f"model.scan_unroll={self.scan_unroll} must be >= 1 (num_layers unrolls the stack)")
         if self.head_dim % 2:
             raise ValueError(f"model.head_dim={self.head_dim} must be even for rotary embeddings")
         for field in ("dtype", "param_dtype"):
