@@ -61,10 +61,13 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
     config.checkpoint = ml_collections.ConfigDict(dict(save_every=100, max_to_keep=2))
 
     # Stage 1: multi-task SFT, rewrite generation and query-rewrite tagging mixed per batch.
-    # `labelled_fraction`: the share of training queries with teacher rewrites and tags (by query-id
-    # hash); with `config.rewrite.rl_queries = "unlabelled"`, GRPO learns on the others from rewards alone.
+    # `labelled_fraction`: the share of training queries with teacher rewrites (by query-id hash); with
+    # `config.rewrite.rl_queries = "unlabelled"`, GRPO learns on the others from rewards alone.
+    # `tagged_fraction`: the share with query-rewrite relevance tags (a superset: tags are cheaper than
+    # teacher rewrites); None means the labelled share.
     config.rewrite_sft = ml_collections.ConfigDict(dict(
-        num_steps=1200, task_mix=dict(rewrite=1.0, tag=1.0), labelled_fraction=1.0, log_every=50))
+        num_steps=1200, task_mix=dict(rewrite=1.0, tag=1.0), labelled_fraction=1.0,
+        tagged_fraction=ml_collections.config_dict.placeholder(float), log_every=50))
 
     # Stage 2: GRPO on the fused reward; the shared loop with a one-node graph is plain outcome GRPO.
     config.graph = one_node_graph()

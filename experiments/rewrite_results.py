@@ -32,6 +32,7 @@ _GRPO_FROM = flags.DEFINE_enum("grpo_from", "multi", ["multi", "single"], "The S
                                "`single` (no tagging task, so no judge) only with fusions that do not read r_rel.")
 
 METRICS = ("accuracy", "recall", "relevance")
+JUDGE_METRICS = ("tag_accuracy", "own_tag_accuracy", "own_p_relevant", "own_truly_relevant")
 
 
 def _run(workdir: str, seed: int, stages: tuple[str, ...], policies: tuple[str, ...], **overrides) -> dict:
@@ -74,6 +75,11 @@ def sweep_seed(seed: int) -> dict[str, dict]:
     return rows
 
 
+def _mean_std(values) -> str:
+    values = np.asarray(values)
+    return f"{values.mean():.3f} ± {values.std(ddof=1):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+
+
 def main(_):
     per_seed = [sweep_seed(int(seed)) for seed in _SEEDS.value]
     k = per_seed[0]["raw query"]["k"]
@@ -82,11 +88,17 @@ def main(_):
     print(f"| | accuracy | recall@{k} | relevance@{k} (0-3) |")
     print("|---|---|---|---|")
     for row in per_seed[0]:
-        cells = []
-        for metric in METRICS:
-            values = np.array([reports[row][metric] for reports in per_seed])
-            cells.append(f"{values.mean():.3f} ± {values.std(ddof=1):.3f}" if len(values) > 1 else f"{values[0]:.3f}")
-        print(f"| {row} | " + " | ".join(cells) + " |")
+        print(f"| {row} | " + " | ".join(_mean_std([reports[row][m] for reports in per_seed]) for m in METRICS) + " |")
+    judged = [row for row in per_seed[0] if all("judge" in reports[row] for reports in per_seed)]
+    if judged:
+        print("\nThe r_rel judge (the multi-task SFT's tagging task, frozen) on each policy's rewrites: its accuracy "
+              "against the world's rule, mean P(relevant), and the share truly relevant\n")
+        print("| | judge accuracy, labelled test tags | judge accuracy, policy's rewrites | mean P(relevant) | "
+              "truly relevant |")
+        print("|---|---|---|---|---|")
+        for row in judged:
+            print(f"| {row} | " + " | ".join(_mean_std([reports[row]["judge"][m] for reports in per_seed])
+                                           for m in JUDGE_METRICS) + " |")
 
 
 if __name__ == "__main__":

@@ -173,6 +173,21 @@ def test_keeps_intent_reads_the_rewrite(world):
     assert not rewrite_eval.keeps_intent(world, query, "")
 
 
+def test_judge_metrics_against_the_worlds_rule(world):
+    """A judge that calls everything relevant: right exactly on the truly relevant pairs."""
+    tags = world.split_rewrite_tags("test")[:9]
+    queries = world.split_queries("test")[:3]
+    rewrites = [queries[0].gold_rewrite, queries[1].subject if queries[1].attributes else "", "zzz"]
+    truth = [rewrite_eval.true_tag(world, q, r) for q, r in zip(queries, rewrites)]
+    assert truth[0] == "relevant" and truth[2] == "irrelevant"
+    assert truth[1] == ("partial" if queries[1].attributes else "irrelevant")  # facets dropped / no type named
+    always_relevant = lambda qs, rs: np.tile([1.0, 0.0, 0.0], (len(qs), 1))
+    report = rewrite_eval.judge_metrics(always_relevant, world, tags, queries, rewrites)
+    assert report == pytest.approx({"tag_accuracy": np.mean([t.tag == "relevant" for t in tags]),
+                                    "own_tag_accuracy": 1 / 3, "own_p_relevant": 1.0,
+                                    "own_truly_relevant": 1 / 3})
+
+
 # ------------------------------------------------------------------------------------ multi-task SFT
 
 
@@ -214,6 +229,14 @@ def test_labelled_queries_split_sft_from_rl(world):
     assert examples["tag"][1] == [t.tag for t in world.split_rewrite_tags("train") if t.query_id in labelled]
     assert abs(len(labelled) / len(queries) - 0.3) < 3 * (0.3 * 0.7 / len(queries)) ** 0.5 + 0.02
     assert all(rewrite_task.is_labelled(q.query_id, 1.0) for q in queries)
+
+    # Tags are cheaper than teacher rewrites: a larger tagged share keeps the same rewrites, adds tags.
+    wider = rewrite.sft_examples(world, "train", labelled_fraction=0.3, tagged_fraction=0.8)
+    tagged = {q.query_id for q in queries if rewrite_task.is_labelled(q.query_id, 0.8)}
+    assert labelled < tagged and wider["rewrite"] == examples["rewrite"]
+    assert wider["tag"][1] == [t.tag for t in world.split_rewrite_tags("train") if t.query_id in tagged]
+    with pytest.raises(ValueError, match="tagged_fraction = 0.2 is below labelled_fraction = 0.3"):
+        rewrite.sft_examples(world, "train", labelled_fraction=0.3, tagged_fraction=0.2)
 
     config = rewrite_configs.get_config("micro")
     config.rewrite_sft.labelled_fraction = 0.3
@@ -261,6 +284,10 @@ def test_eval_reports_every_policy_next_to_raw_and_gold(pipeline, config, world)
         assert 0.0 <= report["accuracy"] <= 1.0 and 0.0 <= report["recall"] <= 1.0
         assert 0.0 <= report["relevance"] <= 3.0
     assert results["gold/test"]["accuracy"] == results["gold/ood"]["accuracy"] == 1.0
+    for policy in ("sft/test", "rl/test"):  # the multi-task policy doubles as the r_rel judge
+        assert set(results[policy]["judge"]) == {"tag_accuracy", "own_tag_accuracy", "own_p_relevant",
+                                                 "own_truly_relevant"}
+        assert all(0.0 <= value <= 1.0 for value in results[policy]["judge"].values())
     # Raw-query recall, recomputed straight from the engine.
     engine = rewrite.build_index(config, str(pipeline))
     queries = world.split_queries("test")[:8]

@@ -11,12 +11,13 @@
 
 The same metrics of the raw query and of the gold rewrite frame a policy's figures (the gold rewrite is
 the ceiling of accuracy by construction, though not of recall or relevance: BM25 ranks by words).
-Rewrites come from greedy decoding (`generate_rewrites`).
+Rewrites come from greedy decoding (`generate_rewrites`). For a policy trained on the tagging task,
+`judge_metrics` also reports how well its tags (the `r_rel` judge) agree with the world's rule.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -70,6 +71,33 @@ def rewrite_metrics(world: world_lib.World, engine: Retriever, queries: Sequence
         "relevance": float(np.mean(relevances)),
         "examples": [{"query": q.text, "rewrite": r, "gold_rewrite": q.gold_rewrite}
                      for q, r in list(zip(queries, rewrites))[:5]],
+    }
+
+
+def true_tag(world: world_lib.World, query: world_lib.Query, rewrite: str) -> str:
+    """The tag of (query, rewrite) by the world's rule (`world.rewrite_tag`); a rewrite that names no
+    product type is irrelevant."""
+    intent = world.read_intent(rewrite)
+    if intent is None:
+        return "irrelevant"
+    return world_lib.rewrite_tag(world.types, query.subject, query.attributes, *intent)
+
+
+def judge_metrics(judge: Callable[[Sequence[str], Sequence[str]], np.ndarray], world: world_lib.World,
+                  tags: Sequence[world_lib.RewriteTag], queries: Sequence[world_lib.Query],
+                  rewrites: Sequence[str]) -> dict[str, float]:
+    """How far the relevance judge behind `r_rel` can be trusted: its accuracy (argmax tag) on the split's
+    labelled tag pairs, and on the policy's own rewrites against the world's rule, with its mean
+    P(relevant) for those rewrites. A judge that the policy games rates its rewrites higher than the rule."""
+    labelled = judge([t.query for t in tags], [t.rewrite for t in tags])
+    own = judge([q.text for q in queries], list(rewrites))
+    truth = [true_tag(world, q, r) for q, r in zip(queries, rewrites)]
+    relevant = cot.REWRITE_TAGS.index("relevant")
+    return {
+        "tag_accuracy": float(np.mean([cot.REWRITE_TAGS[i] == t.tag for i, t in zip(labelled.argmax(1), tags)])),
+        "own_tag_accuracy": float(np.mean([cot.REWRITE_TAGS[i] == t for i, t in zip(own.argmax(1), truth)])),
+        "own_p_relevant": float(own[:, relevant].mean()),
+        "own_truly_relevant": float(np.mean([t == "relevant" for t in truth])),
     }
 
 

@@ -29,7 +29,7 @@ from graphgrpo_jax.models import decoder
 from graphgrpo_jax.rl import rewrite_task
 from graphgrpo_jax.rl.rewrite_task import index_dir
 from graphgrpo_jax.search.engine import MANIFEST, SearchEngine
-from graphgrpo_jax.train import rl, sft
+from graphgrpo_jax.train import loop, rl, sft
 
 SFT_TASKS = ("rewrite", "tag")
 
@@ -55,12 +55,18 @@ def build_index(config: ml_collections.ConfigDict, workdir: str) -> SearchEngine
 # --------------------------------------------------------------------------------------------- SFT
 
 
-def sft_examples(world: world_lib.World, split: str, labelled_fraction: float = 1.0
-                 ) -> dict[str, tuple[list[str], list[str]]]:
+def sft_examples(world: world_lib.World, split: str, labelled_fraction: float = 1.0,
+                 tagged_fraction: float | None = None) -> dict[str, tuple[list[str], list[str]]]:
     """(prompts, responses) of each SFT task on a split's queries and rewrite tags; with
-    `labelled_fraction` < 1, only those of the queries that have teacher labels (`rewrite_task.is_labelled`)."""
+    `labelled_fraction` < 1, only the rewrites of the queries that have teacher labels
+    (`rewrite_task.is_labelled`), and the tags of the `tagged_fraction` share (default: the same queries)."""
+    if tagged_fraction is None:
+        tagged_fraction = labelled_fraction
+    if tagged_fraction < labelled_fraction:
+        raise ValueError(f"config.rewrite_sft.tagged_fraction = {tagged_fraction} is below labelled_fraction = "
+                         f"{labelled_fraction}: the tagged queries include the labelled ones")
     queries = [q for q in world.split_queries(split) if rewrite_task.is_labelled(q.query_id, labelled_fraction)]
-    tags = [t for t in world.split_rewrite_tags(split) if rewrite_task.is_labelled(t.query_id, labelled_fraction)]
+    tags = [t for t in world.split_rewrite_tags(split) if rewrite_task.is_labelled(t.query_id, tagged_fraction)]
     return {
         "rewrite": ([cot.rewrite_prompt(q.text) for q in queries], [q.gold_rewrite for q in queries]),
         "tag": ([cot.tag_prompt(t.query, t.rewrite) for t in tags], [t.tag for t in tags]),
@@ -88,7 +94,7 @@ def run_sft(config: ml_collections.ConfigDict, workdir: str) -> dict:
     cfg = config.rewrite_sft
     world, tokenizer = prepare.load_world(config), prepare.load_tokenizer(config, workdir)
     counts = task_counts(cfg.task_mix, config.optim.batch_size)
-    examples = sft_examples(world, "train", cfg.labelled_fraction)
+    examples = sft_examples(world, "train", cfg.labelled_fraction, cfg.tagged_fraction)
     encoded = {task: batching.encode_sft(tokenizer, *examples[task], config.data.max_prompt_len,
                                          config.data.max_response_len, nodes=())
                for task in SFT_TASKS if counts[task]}
@@ -127,6 +133,12 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
     engine = SearchEngine.open(index_dir(workdir))
     model_config = decoder.DecoderConfig.from_config(config.model)
     queries = {split: world.split_queries(split)[:cfg.max_examples] for split in cfg.splits}
+    # The r_rel judge (the SFT policy's tagging task, frozen), scored on every policy's rewrites.
+    judge = None
+    if config.rewrite_sft.task_mix.get("tag", 0.0) > 0 and os.path.isdir(loop.checkpoint_dir(workdir, "sft")):
+        judge = rewrite_task.TagJudge(rl.restore_policy(config, workdir, "sft"), model_config, tokenizer,
+                                      max_prompt_len=config.data.max_prompt_len,
+                                      batch_size=config.rewrite.judge_batch_size)
     results = {}
     for split, split_queries in queries.items():
         results[f"raw/{split}"] = rewrite_eval.rewrite_metrics(world, engine, split_queries,
@@ -141,6 +153,10 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 max_prompt_len=config.data.max_prompt_len, max_new_tokens=config.data.max_response_len,
                 batch_size=cfg.batch_size)
             results[f"{stage}/{split}"] = rewrite_eval.rewrite_metrics(world, engine, split_queries, rewrites, cfg.k)
+            if judge is not None:
+                tags = world.split_rewrite_tags(split)[:3 * cfg.max_examples]
+                results[f"{stage}/{split}"]["judge"] = rewrite_eval.judge_metrics(
+                    judge, world, tags, split_queries, rewrites)
     for name, report in results.items():
         logging.info("%s: accuracy %.3f, recall@%d %.3f, relevance@%d %.3f", name, report["accuracy"],
                      cfg.k, report["recall"], cfg.k, report["relevance"])
