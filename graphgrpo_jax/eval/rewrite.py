@@ -12,7 +12,7 @@
 The same metrics of the raw query and of the gold rewrite frame a policy's figures (the gold rewrite is
 the ceiling of accuracy by construction, though not of recall or relevance: BM25 ranks by words).
 Rewrites come from greedy decoding (`generate_rewrites`). For a policy trained on the tagging task,
-`judge_metrics` also reports how well its tags (the `r_rel` judge) agree with the world's rule.
+`tag_accuracy` and `judge_metrics` report how well its tags (the `r_rel` judge) agree with the world's rule.
 """
 
 from __future__ import annotations
@@ -83,20 +83,23 @@ def true_tag(world: world_lib.World, query: world_lib.Query, rewrite: str) -> st
     return world_lib.rewrite_tag(world.types, query.subject, query.attributes, *intent)
 
 
+def tag_accuracy(judge: Callable[[Sequence[str], Sequence[str]], np.ndarray],
+                 tags: Sequence[world_lib.RewriteTag]) -> float:
+    """The share of labelled (query, rewrite) pairs whose most probable tag under `judge` is the label."""
+    probs = judge([t.query for t in tags], [t.rewrite for t in tags])
+    return float(np.mean([cot.REWRITE_TAGS[i] == t.tag for i, t in zip(probs.argmax(1), tags)]))
+
+
 def judge_metrics(judge: Callable[[Sequence[str], Sequence[str]], np.ndarray], world: world_lib.World,
-                  tags: Sequence[world_lib.RewriteTag], queries: Sequence[world_lib.Query],
-                  rewrites: Sequence[str]) -> dict[str, float]:
-    """How far the relevance judge behind `r_rel` can be trusted: its accuracy (argmax tag) on the split's
-    labelled tag pairs, and on the policy's own rewrites against the world's rule, with its mean
-    P(relevant) for those rewrites. A judge that the policy games rates its rewrites higher than the rule."""
-    labelled = judge([t.query for t in tags], [t.rewrite for t in tags])
-    own = judge([q.text for q in queries], list(rewrites))
+                  queries: Sequence[world_lib.Query], rewrites: Sequence[str]) -> dict[str, float]:
+    """How far the relevance judge behind `r_rel` can be trusted on a policy's own rewrites: its accuracy
+    (argmax tag) against the world's rule and its mean P(relevant), next to the share truly relevant.
+    A judge that the policy games rates its rewrites higher than the rule."""
+    probs = judge([q.text for q in queries], list(rewrites))
     truth = [true_tag(world, q, r) for q, r in zip(queries, rewrites)]
-    relevant = cot.REWRITE_TAGS.index("relevant")
     return {
-        "tag_accuracy": float(np.mean([cot.REWRITE_TAGS[i] == t.tag for i, t in zip(labelled.argmax(1), tags)])),
-        "own_tag_accuracy": float(np.mean([cot.REWRITE_TAGS[i] == t for i, t in zip(own.argmax(1), truth)])),
-        "own_p_relevant": float(own[:, relevant].mean()),
+        "own_tag_accuracy": float(np.mean([cot.REWRITE_TAGS[i] == t for i, t in zip(probs.argmax(1), truth)])),
+        "own_p_relevant": float(probs[:, cot.REWRITE_TAGS.index("relevant")].mean()),
         "own_truly_relevant": float(np.mean([t == "relevant" for t in truth])),
     }
 

@@ -134,11 +134,14 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
     model_config = decoder.DecoderConfig.from_config(config.model)
     queries = {split: world.split_queries(split)[:cfg.max_examples] for split in cfg.splits}
     # The r_rel judge (the SFT policy's tagging task, frozen), scored on every policy's rewrites.
-    judge = None
+    judge, tag_accuracies = None, {}
     if config.rewrite_sft.task_mix.get("tag", 0.0) > 0 and os.path.isdir(loop.checkpoint_dir(workdir, "sft")):
         judge = rewrite_task.TagJudge(rl.restore_policy(config, workdir, "sft"), model_config, tokenizer,
                                       max_prompt_len=config.data.max_prompt_len,
                                       batch_size=config.rewrite.judge_batch_size)
+        # Its accuracy on each split's labelled tag pairs (the world draws 3 tags per query).
+        tag_accuracies = {split: rewrite_eval.tag_accuracy(judge, world.split_rewrite_tags(split)[:3 * len(qs)])
+                          for split, qs in queries.items()}
     results = {}
     for split, split_queries in queries.items():
         results[f"raw/{split}"] = rewrite_eval.rewrite_metrics(world, engine, split_queries,
@@ -154,9 +157,9 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 batch_size=cfg.batch_size)
             results[f"{stage}/{split}"] = rewrite_eval.rewrite_metrics(world, engine, split_queries, rewrites, cfg.k)
             if judge is not None:
-                tags = world.split_rewrite_tags(split)[:3 * cfg.max_examples]
-                results[f"{stage}/{split}"]["judge"] = rewrite_eval.judge_metrics(
-                    judge, world, tags, split_queries, rewrites)
+                results[f"{stage}/{split}"]["judge"] = {
+                    "tag_accuracy": tag_accuracies[split],
+                    **rewrite_eval.judge_metrics(judge, world, split_queries, rewrites)}
     for name, report in results.items():
         logging.info("%s: accuracy %.3f, recall@%d %.3f, relevance@%d %.3f", name, report["accuracy"],
                      cfg.k, report["recall"], cfg.k, report["relevance"])
