@@ -80,6 +80,7 @@ def config_from_hf(folder: PathLike) -> ml_collections.ConfigDict:
         dtype=dtype,
         param_dtype=dtype,
         max_seq_len=hf.max_position_embeddings,
+        scan_unroll=1,  # the scanned layer stack (see `DecoderConfig.unrolled`)
     ))
 
 
