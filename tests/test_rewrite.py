@@ -188,6 +188,20 @@ def test_judge_metrics_against_the_worlds_rule(world):
     assert report == pytest.approx({"own_tag_accuracy": 1 / 3, "own_p_relevant": 1.0, "own_truly_relevant": 1 / 3})
 
 
+def test_rule_judge_is_the_worlds_rule_one_hot(world):
+    """The oracle r_rel judge of the ablations: one-hot tags by the world's rule on training queries."""
+    queries = world.split_queries("train")[:2]
+    judge = rewrite_task.RuleJudge(world)
+    probs = judge([q.text for q in queries] * 2, [q.gold_rewrite for q in queries] + ["zzz", "zzz"])
+    relevant, irrelevant = (cot.REWRITE_TAGS.index(tag) for tag in ("relevant", "irrelevant"))
+    np.testing.assert_array_equal(probs.argmax(1), [relevant, relevant, irrelevant, irrelevant])
+    np.testing.assert_array_equal(probs.sum(1), 1.0)
+    config = rewrite_configs.get_config("micro")
+    config.rewrite.judge = "oracle"
+    with pytest.raises(ValueError, match="config.rewrite.judge = 'oracle'"):
+        rewrite_task.RewriteTask.from_workdir(config, world, "unused", judge_params=None)
+
+
 # ------------------------------------------------------------------------------------ multi-task SFT
 
 

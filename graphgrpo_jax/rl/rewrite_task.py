@@ -8,7 +8,7 @@ GRPO, `credit.variant = "outcome"`). The reward fuses three signals (`rewards.re
 * `r_conv`: search-engine feedback, recall@k (or NDCG@k) of the query's purchases among the products
   the engine retrieves for the rewrite;
 * `r_rel`: a relevance judge, here the policy's own tagging task (`cot.tag_prompt`) on a frozen copy of
-  the SFT model (`TagJudge`).
+  the SFT model (`TagJudge`); for ablations, the world's own tagging rule (`RuleJudge`, an oracle).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 
 from graphgrpo_jax.data import batching, cot, esci, prepare
+from graphgrpo_jax.eval import rewrite as rewrite_eval
 from graphgrpo_jax.models import decoder
 from graphgrpo_jax.rl import rewards as rewards_lib
 from graphgrpo_jax.rl.rollout import Scored
@@ -104,6 +105,24 @@ class TagJudge:
         return np.exp(scores) / np.exp(scores).sum(axis=1, keepdims=True)
 
 
+class RuleJudge:
+    """An oracle `r_rel` judge for ablations: the world's tagging rule (`eval.rewrite.true_tag`), one-hot.
+
+    It reads the gold intent of each training query, so it is not a method. It bounds what a perfect
+    relevance judge could add to the fused reward, which separates the reward's design from the quality
+    of the learned judge.
+    """
+
+    def __init__(self, world):
+        self.world = world
+        self.queries = {q.text: q for q in world.split_queries("train")}
+
+    def __call__(self, queries: Sequence[str], rewrites: Sequence[str]) -> np.ndarray:
+        tags = [rewrite_eval.true_tag(self.world, self.queries[query], rewrite)
+                for query, rewrite in zip(queries, rewrites)]
+        return np.eye(len(cot.REWRITE_TAGS))[[cot.REWRITE_TAGS.index(tag) for tag in tags]]
+
+
 def default_rewrite_config() -> ml_collections.ConfigDict:
     """Reward options of the rewrite task (`config.rewrite`)."""
     return ml_collections.ConfigDict(dict(
@@ -114,6 +133,7 @@ def default_rewrite_config() -> ml_collections.ConfigDict:
         conv_metric="recall",  # recall | ndcg
         rule=dict(min_words=rewards_lib.DEFAULT_MIN_WORDS, max_words=rewards_lib.DEFAULT_MAX_WORDS,
                   max_chars=rewards_lib.DEFAULT_MAX_CHARS, max_word_repeats=rewards_lib.DEFAULT_MAX_WORD_REPEATS),
+        judge="tagger",  # r_rel's judge: "tagger" (TagJudge) or "rule" (RuleJudge, an oracle for ablations)
         judge_batch_size=32,  # (query, rewrite) pairs per judge call; each pair is 3 rows
         # The training queries RL rewrites: "all", or "unlabelled", those without a teacher rewrite in SFT
         # (see `labelled_fraction` in config.rewrite_sft), which RL learns from only through the rewards.
@@ -165,7 +185,11 @@ class RewriteTask:
         """The task over the `index` stage's search index, judged with `judge_params` (the SFT policy)
         when the fusion reads `r_rel`."""
         judge = None
-        if "rel" in rewards_lib.FUSION_INPUTS[config.rewrite.fusion]:
+        if config.rewrite.judge not in ("tagger", "rule"):
+            raise ValueError(f"config.rewrite.judge = {config.rewrite.judge!r}: choose 'tagger' or 'rule'")
+        if "rel" in rewards_lib.FUSION_INPUTS[config.rewrite.fusion] and config.rewrite.judge == "rule":
+            judge = RuleJudge(world)
+        elif "rel" in rewards_lib.FUSION_INPUTS[config.rewrite.fusion]:
             judge = TagJudge(judge_params, decoder.DecoderConfig.from_config(config.model),
                              prepare.load_tokenizer(config, workdir),
                              max_prompt_len=config.data.max_prompt_len + config.data.max_response_len,
