@@ -452,8 +452,7 @@ def init_cache(config: DecoderConfig, batch_size: int, max_len: int) -> KVCache:
         raise ValueError(f"cache length {max_len} exceeds model.max_seq_len={config.max_seq_len}")
     shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
     if config.unrolled:
-        keys, values = ([jnp.zeros(shape, config.compute_dtype) for _ in range(config.num_layers)] for _ in "kv")
-        keys, values = tuple(keys), tuple(values)
+        keys, values = (tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(config.num_layers)) for _ in "kv")
     else:
         keys, values = (jnp.zeros((config.num_layers, *shape), config.compute_dtype) for _ in "kv")
     return KVCache(keys=keys, values=values, valid=jnp.zeros((batch_size, max_len), bool),

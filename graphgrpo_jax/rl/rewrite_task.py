@@ -187,13 +187,11 @@ class RewriteTask:
         judge = None
         if config.rewrite.judge not in ("tagger", "rule"):
             raise ValueError(f"config.rewrite.judge = {config.rewrite.judge!r}: choose 'tagger' or 'rule'")
-        if "rel" in rewards_lib.FUSION_INPUTS[config.rewrite.fusion] and config.rewrite.judge == "rule":
-            judge = RuleJudge(world)
-        elif "rel" in rewards_lib.FUSION_INPUTS[config.rewrite.fusion]:
-            judge = TagJudge(judge_params, decoder.DecoderConfig.from_config(config.model),
-                             prepare.load_tokenizer(config, workdir),
-                             max_prompt_len=config.data.max_prompt_len + config.data.max_response_len,
-                             batch_size=config.rewrite.judge_batch_size)
+        if "rel" in rewards_lib.FUSION_INPUTS[config.rewrite.fusion]:
+            judge = RuleJudge(world) if config.rewrite.judge == "rule" else TagJudge(
+                judge_params, decoder.DecoderConfig.from_config(config.model), prepare.load_tokenizer(config, workdir),
+                max_prompt_len=config.data.max_prompt_len + config.data.max_response_len,
+                batch_size=config.rewrite.judge_batch_size)
         return cls(config, world, engine=SearchEngine.open(index_dir(workdir)), judge=judge)
 
     def prompts(self) -> list[str]:
