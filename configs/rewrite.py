@@ -21,6 +21,11 @@ Ablations are overrides:
   reward variants          --config.rewrite.fusion=rfusion|product|min|rel|conv|rule
   fusion weights           --config.rewrite.w_rel=0.7 --config.rewrite.w_conv=0.3
   NDCG instead of recall   --config.rewrite.conv_metric=ndcg
+  retrieval judge          --config.rewrite.judge=student \
+                             --config.stages="('data','index','distill','rewrite_sft','rl','rewrite_eval')"
+                           (r_rel grades the products each rewrite retrieves with a MiniLM relevance student
+                           trained on the world's judged pairs; --config.rewrite.student_workdir=DIR reuses
+                           the student of an earlier run)
 """
 
 import ml_collections
@@ -29,6 +34,7 @@ from ml_collections import config_dict
 from configs import common
 from graphgrpo_jax.graph import controller, credit
 from graphgrpo_jax.rl import grpo, rewrite_task
+from graphgrpo_jax.train import distill
 
 
 def one_node_graph() -> ml_collections.ConfigDict:
@@ -83,6 +89,12 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
         learning_rate=3e-4, warmup_steps=0, schedule="constant", grad_clip=1.0, weight_decay=0.0))
     config.rewrite = rewrite_task.default_rewrite_config()
 
+    # The relevance student behind `rewrite.judge = "student"`: MiniLM-L6 with y/ms/ma heads, trained by the
+    # `distill` stage on the world's judged (query, product) pairs and their gold node values (there is no
+    # relevance policy here to distil from). 500 steps: at 150 the student is still far from converged.
+    config.distill = distill.default_distill_config()
+    config.distill.update(teacher="gold", num_steps=500, log_every=50)
+
     config.rewrite_eval = ml_collections.ConfigDict(dict(
         policies=("sft", "rl"), splits=("test", "ood"), k=10, max_examples=256, batch_size=64))
 
@@ -93,6 +105,7 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
         config.grpo.num_generations = 4
         config.optim.batch_size = 8
         config.rewrite.judge_batch_size = 8
+        config.distill.update(num_steps=2, batch_size=8, max_length=32, log_every=1)
         config.rewrite_eval.update(max_examples=8, batch_size=8)
         config.checkpoint.save_every = 2
     elif variant in ("gpu", "tpu_pod"):

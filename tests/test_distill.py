@@ -106,6 +106,21 @@ def test_sampled_frequencies_hand_worked():
     np.testing.assert_allclose(unsmoothed["ms"][1], [0.25] * 4)  # nothing written: uniform
 
 
+def test_gold_teacher_is_the_worlds_node_values_one_hot(tmp_path):
+    """`teacher = "gold"` needs no policy and writes no file: one-hot gold values of each split's pairs."""
+    config = _config(teacher="gold")
+    world = prepare.load_world(config)
+    teacher = distill.ensure_teacher(config, str(tmp_path), world)
+    for split in distill.TEACHER_SPLITS:
+        pairs = world.split_pairs(split)
+        for node, values in distill.NODE_VALUES.items():
+            probs = teacher[split][node]
+            assert probs.shape == (len(pairs), len(values))
+            np.testing.assert_array_equal(probs.sum(1), 1.0)
+            assert [values[i] for i in probs.argmax(1)] == [p.gold[node] for p in pairs]
+    assert not (tmp_path / "distill").exists()
+
+
 def test_node_prefix():
     assert distill.node_prefix([5, 6, 9, 7], open_id=9) == [5, 6]
     assert distill.node_prefix([5, 6, 7], open_id=9) == [5, 6, 7]

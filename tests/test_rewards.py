@@ -231,8 +231,19 @@ def test_r_rel_expected_tag_credit_and_one_deduplicated_call():
     assert judge.calls == [(["q1", "q1", "q2"], ["a", "b", "a"])]
 
 
+def test_r_rel_takes_a_score_judge_as_it_stands():
+    """A judge answering one score in [0, 1] per pair (a retrieval judge): the score is the credit."""
+    judge = TableJudge({("q1", "a"): 0.25, ("q1", "b"): 1.0, ("q2", "a"): 0.0})
+    values = rewards.r_rel(["a", "b", "a", "a"], [{"query": q} for q in ("q1", "q1", "q1", "q2")], judge=judge)
+    np.testing.assert_array_equal(values, [0.25, 1.0, 0.25, 0.0])
+    assert judge.calls == [(["q1", "q1", "q2"], ["a", "b", "a"])]
+
+
 @pytest.mark.parametrize("bad, message", [
-    (np.ones((2, 2)) / 2, r"shape \(2, 2\), expected \(2, 3\)"),
+    (np.ones((2, 2)) / 2, r"shape \(2, 2\), expected \(2, 3\) \(one distribution .*\) or \(2,\)"),
+    ([0.5, 1.2], r"judge row 1 is not a relevance score in \[0, 1\]"),
+    ([np.nan, 0.5], r"judge row 0 is not a relevance score"),
+    ([0.5], r"shape \(1,\), expected \(2, 3\)"),
     ([[0.5, 0.5, 0.0], [0.5, 0.6, 0.0]], "judge row 1 is not a distribution"),
     ([[1.2, -0.2, 0.0], [1.0, 0.0, 0.0]], "judge row 0 is not a distribution"),
     ([[np.nan, 0.5, 0.5], [1.0, 0.0, 0.0]], "judge row 0 is not a distribution"),

@@ -15,10 +15,10 @@ from configs import rewrite as rewrite_configs
 from graphgrpo_jax import main
 from graphgrpo_jax.data import cot, prepare
 from graphgrpo_jax.eval import rewrite as rewrite_eval
-from graphgrpo_jax.models import decoder
+from graphgrpo_jax.models import decoder, encoder
 from graphgrpo_jax.rl import rewrite_task
 from graphgrpo_jax.search.engine import MANIFEST
-from graphgrpo_jax.train import checkpointing, loop, metrics, rl, rewrite
+from graphgrpo_jax.train import checkpointing, distill, loop, metrics, rl, rewrite
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +135,9 @@ def test_relevance_grade_agrees_with_every_judged_pair(world):
         assert grade == {"Exact": 3, "Substitute": 2, "Complement": 1, "Irrelevant": 0}[pair.label], pair
 
 
-def test_rewrite_metrics_hand_computed(world):
+@pytest.fixture(scope="module")
+def graded_hits(world):
+    """A training query with two purchases and five hits for its gold rewrite, graded 3, 2, 2, 1, 0."""
     types = world.types
     query = _query_with(world, lambda q: q.attributes and len(q.purchased_product_ids) == 2
                         and types[q.subject].substitutes and types[q.subject].complements)
@@ -149,7 +151,11 @@ def test_rewrite_metrics_hand_computed(world):
         "unrelated type": lambda p: p.product_type not in related,
     }
     picked = [next(p.product_id for p in world.products if is_kind(p)) for is_kind in by_kind.values()]
-    hits = [query.purchased_product_ids[0], *picked]  # grades 3, 2, 2, 1, 0
+    return query, [query.purchased_product_ids[0], *picked]
+
+
+def test_rewrite_metrics_hand_computed(world, graded_hits):
+    query, hits = graded_hits
     other = world.split_queries("train")[0]
     engine = FakeEngine({query.gold_rewrite: hits})
     report = rewrite_eval.rewrite_metrics(world, engine, [query, other], [query.gold_rewrite, ""], k=5)
@@ -200,6 +206,37 @@ def test_rule_judge_is_the_worlds_rule_one_hot(world):
     config.rewrite.judge = "oracle"
     with pytest.raises(ValueError, match="config.rewrite.judge = 'oracle'"):
         rewrite_task.RewriteTask.from_workdir(config, world, "unused", judge_params=None)
+
+
+class CountingGrader:
+    """Wraps a grader and records the pairs it is asked for."""
+
+    def __init__(self, grade):
+        self.grade, self.calls = grade, []
+
+    def __call__(self, queries, product_ids):
+        self.calls.append(list(zip(queries, product_ids)))
+        return self.grade(queries, product_ids)
+
+
+def test_retrieval_judge_grades_what_the_rewrite_retrieves(world, graded_hits):
+    """The oracle retrieval judge is the offline relevance@k / 3 of each rewrite; new pairs only are graded."""
+    query, hits = graded_hits
+    engine = FakeEngine({"found": hits, "two": hits[3:]})
+    grader = CountingGrader(rewrite_task.rule_grader(world))
+    judge = rewrite_task.RetrievalJudge(engine, 5, grader)
+    scores = judge([query.text] * 3, ["found", "nothing", "two"])
+    np.testing.assert_allclose(scores, [8 / 15, 0.0, 1 / 15])  # grades 3+2+2+1+0; none; 1+0, empty slots 0
+    for rewrite, score in zip(["found", "two"], scores[[0, 2]]):
+        report = rewrite_eval.rewrite_metrics(world, engine, [query], [rewrite], k=5)
+        assert report["relevance"] == pytest.approx(3 * score)
+    assert grader.calls == [[(query.text, pid) for pid in hits]]  # hits[3:] are among them: graded once
+    other = next(q for q in world.split_queries("train") if q.text != query.text)
+    np.testing.assert_allclose(judge([query.text, other.text], ["found", "found"])[0], 8 / 15)
+    assert grader.calls[1] == [(other.text, pid) for pid in hits]
+    np.testing.assert_allclose(rewrite_task.RetrievalJudge(engine, 2, grader)([query.text], ["found"]), [5 / 6])
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        rewrite_task.RetrievalJudge(engine, 0, grader)
 
 
 # ------------------------------------------------------------------------------------ multi-task SFT
@@ -357,3 +394,33 @@ def test_tag_judge_matches_unpadded_forced_decoding(pipeline, config, world):
     reference = np.exp(scores) / np.exp(scores).sum(axis=1, keepdims=True)
     assert probs.shape == (11, 3)
     np.testing.assert_allclose(probs, reference, atol=1e-5)
+
+
+def test_student_judge_grades_the_hits_with_the_distilled_student(pipeline, config, world):
+    """`rewrite.judge = "student"`: the `distill` stage (gold teacher) leaves a student in the workdir; the
+    judge's scores equal its expected grades of the engine's hits, recomputed in one unpadded batch, and
+    they reach the fused reward."""
+    config = rewrite_configs.get_config("micro")
+    config.rewrite.judge = "student"
+    report = distill.run(config, str(pipeline))
+    assert report["heads"] == ["y", "ms", "ma"] and set(report["synthetic_test"]["per_node_accuracy"]) == {"y", "ms", "ma"}
+    task = rewrite_task.RewriteTask.from_workdir(config, world, str(pipeline), judge_params=None)
+    queries = task.queries[:5]
+    rewrites = [q.gold_rewrite for q in queries[:3]] + [q.text for q in queries[3:]]
+    scores = task.judge([q.text for q in queries], rewrites)
+
+    params = distill.restore_student(config, str(pipeline))
+    hits = task.engine.search_batch(rewrites, config.rewrite.k)
+    pairs = [(q.text, world.product_by_id[pid].title) for q, row in zip(queries, hits) for pid, _ in row]
+    encoded = encoder.encode_pairs(encoder.load_pair_tokenizer(encoder.minilm_folder()), *zip(*pairs),
+                                   config.distill.max_length)
+    logits = jax.jit(encoder.node_logits, static_argnums=1)(params, distill.student_config(), *encoded)
+    grades = np.asarray(jax.nn.softmax(logits["y"])) @ [rewrite_eval.RELEVANCE_GRADES[y] for y in cot.LABELS]
+    bounds = np.cumsum([0] + [len(row) for row in hits])
+    reference = [grades[a:b].sum() / (3 * config.rewrite.k) for a, b in zip(bounds[:-1], bounds[1:])]
+    np.testing.assert_allclose(scores, reference, atol=1e-5)
+    assert bounds[-1] > 0 and np.all((scores >= 0) & (scores <= 1))
+
+    offsets = [np.zeros((1, 2), np.int64)] * len(queries)
+    scored = task.score(np.arange(len(queries)), rewrites, offsets)
+    assert scored.metrics["rl/reward_rel"] == pytest.approx(np.mean(scores))

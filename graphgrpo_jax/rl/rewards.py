@@ -14,7 +14,8 @@ Registered rewards (METHOD.md A2 and B):
 * `relevance_outcome`: 1 right label, 0 wrong, `r_format` (default -1) unparseable.
 * `r_rule`: 1 if the rewrite passes every rule check (`rule_violations`), else 0.
 * `r_conv`: recall@k (or NDCG@k) of the query's purchased products among the engine's hits.
-* `r_rel`: a relevance judge's `p(relevant) + 0.5 * p(partial)`.
+* `r_rel`: a relevance judge's credit in [0, 1]: `p(relevant) + 0.5 * p(partial)` of a tagging judge, or
+  the relevance score of a judge that grades what the rewrite retrieves.
 * `rewrite_fused`: the three rewrite rewards fused by `fuse_rewrite_rewards` (rFusion by default).
 
 Several rewards combine TRL's way with `aggregate` (`sum_then_normalize` / `normalize_then_sum`,
@@ -280,40 +281,52 @@ REWRITE_TAG_CREDIT = np.array([1.0, 0.5, 0.0])
 _PROBABILITY_TOLERANCE = 1e-3
 
 
-def _checked_probabilities(probs: Any, num_pairs: int) -> np.ndarray:
-    """The judge's `[num_pairs, 3]` distributions, or a ValueError naming the first bad row."""
-    probs = np.asarray(probs, dtype=np.float64)
+def judge_credit(answer: Any, num_pairs: int) -> np.ndarray:
+    """`[num_pairs]` credit in [0, 1] from a judge's answer, or a ValueError naming the first bad row.
+
+    Two kinds of judge answer: `[num_pairs, 3]` distributions over `cot.REWRITE_TAGS` (a tagging judge),
+    whose credit is the expected tag credit `REWRITE_TAG_CREDIT`; or `[num_pairs]` scores in [0, 1] (a
+    judge that grades something else, e.g. the products the rewrite retrieves), taken as they are.
+    """
+    answer = np.asarray(answer, dtype=np.float64)
+    if answer.shape == (num_pairs,):
+        bad = ~np.isfinite(answer) | (answer < -_PROBABILITY_TOLERANCE) | (answer > 1 + _PROBABILITY_TOLERANCE)
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise ValueError(f"judge row {row} is not a relevance score in [0, 1]: {answer[row]}")
+        return np.clip(answer, 0.0, 1.0)
     expected = (num_pairs, len(cot.REWRITE_TAGS))
-    if probs.shape != expected:
-        raise ValueError(f"judge returned shape {probs.shape}, expected {expected} "
-                         f"(one distribution over {cot.REWRITE_TAGS} per pair)")
-    bad = ~np.all(np.isfinite(probs), axis=1)
-    bad |= np.any(probs < -_PROBABILITY_TOLERANCE, axis=1)
-    bad |= np.abs(probs.sum(axis=1) - 1.0) > _PROBABILITY_TOLERANCE
+    if answer.shape != expected:
+        raise ValueError(f"judge returned shape {answer.shape}, expected {expected} (one distribution over "
+                         f"{cot.REWRITE_TAGS} per pair) or ({num_pairs},) (one score in [0, 1] per pair)")
+    bad = ~np.all(np.isfinite(answer), axis=1)
+    bad |= np.any(answer < -_PROBABILITY_TOLERANCE, axis=1)
+    bad |= np.abs(answer.sum(axis=1) - 1.0) > _PROBABILITY_TOLERANCE
     if bad.any():
         row = int(np.argmax(bad))
-        raise ValueError(f"judge row {row} is not a distribution over {cot.REWRITE_TAGS}: {probs[row]}")
-    return probs
+        raise ValueError(f"judge row {row} is not a distribution over {cot.REWRITE_TAGS}: {answer[row]}")
+    return answer @ REWRITE_TAG_CREDIT
 
 
 @register_reward("r_rel")
 def r_rel(completions: Sequence[str], contexts: Sequence[Mapping[str, Any]], *,
           judge: Judge) -> np.ndarray:
-    """Relevance judge: `p(relevant) + 0.5 * p(partial)`, the expected tag credit in [0, 1].
+    """Relevance judge: its credit in [0, 1] for each (query, rewrite) pair (`judge_credit`).
 
-    Reads `contexts[i]["query"]`. `judge(queries, rewrites) -> probs [M, 3]` over `cot.REWRITE_TAGS`
-    (the policy's own tagging task on a frozen copy, or the distilled student); it is called once,
-    on the distinct (query, rewrite) pairs. The expectation rather than the argmax keeps the reward
-    graded, so a group whose rewrites all get the same tag still has a spread.
+    Reads `contexts[i]["query"]`. `judge(queries, rewrites)` answers with tag distributions `[M, 3]`
+    (the policy's own tagging task on a frozen copy), whose expected tag credit
+    `p(relevant) + 0.5 * p(partial)` is the reward, or with scores `[M]` (a retrieval judge: the graded
+    relevance of what the rewrite retrieves, by the distilled student). It is called once, on the
+    distinct (query, rewrite) pairs. The expectation rather than the argmax keeps the reward graded, so
+    a group whose rewrites all get the same tag still has a spread.
     """
     queries = _column(contexts, "query", "r_rel")
     pairs = list(zip(queries, completions))
     distinct = list(dict.fromkeys(pairs))
     if not distinct:
         return np.zeros(0)
-    probs = _checked_probabilities(judge([q for q, _ in distinct], [r for _, r in distinct]),
-                                   len(distinct))
-    credit_of = dict(zip(distinct, probs @ REWRITE_TAG_CREDIT))
+    credit = judge_credit(judge([q for q, _ in distinct], [r for _, r in distinct]), len(distinct))
+    credit_of = dict(zip(distinct, credit))
     return np.array([credit_of[pair] for pair in pairs])
 
 

@@ -7,8 +7,14 @@ GRPO, `credit.variant = "outcome"`). The reward fuses three signals (`rewards.re
 * `r_rule`: the rewrite is well formed, not a copy, within length bounds, not repetitive;
 * `r_conv`: search-engine feedback, recall@k (or NDCG@k) of the query's purchases among the products
   the engine retrieves for the rewrite;
-* `r_rel`: a relevance judge, here the policy's own tagging task (`cot.tag_prompt`) on a frozen copy of
-  the SFT model (`TagJudge`); for ablations, the world's own tagging rule (`RuleJudge`, an oracle).
+* `r_rel`: a relevance judge (`config.rewrite.judge`). Two kinds:
+  - judges of the rewrite's words: the policy's own tagging task (`cot.tag_prompt`) on a frozen copy of
+    the SFT model (`TagJudge`, "tagger"); for ablations, the world's tagging rule (`RuleJudge`, "rule",
+    an oracle);
+  - judges of what the rewrite retrieves (`RetrievalJudge`): the graded relevance to the *original* query
+    of the engine's top k products for the rewrite, by the distilled relevance student of paper A
+    ("student"); for ablations, by the world's label rule ("retrieval_rule", an oracle of the offline
+    relevance@k itself).
 """
 
 from __future__ import annotations
@@ -24,8 +30,8 @@ import ml_collections
 import numpy as np
 
 from graphgrpo_jax.data import batching, cot, esci, prepare
-from graphgrpo_jax.eval import rewrite as rewrite_eval
-from graphgrpo_jax.models import decoder
+from graphgrpo_jax.eval import rewrite as rewrite_eval, student as student_eval
+from graphgrpo_jax.models import decoder, encoder
 from graphgrpo_jax.rl import rewards as rewards_lib
 from graphgrpo_jax.rl.rollout import Scored
 from graphgrpo_jax.search.engine import Retriever, SearchEngine
@@ -123,6 +129,87 @@ class RuleJudge:
         return np.eye(len(cot.REWRITE_TAGS))[[cot.REWRITE_TAGS.index(tag) for tag in tags]]
 
 
+class RetrievalJudge:
+    """`judge(queries, rewrites) -> [M]`: the mean relevance grade, scaled to [0, 1], of the `k` products the
+    engine retrieves for each rewrite, graded against the *original* query.
+
+    `grade(queries, product_ids) -> [N]` expected grades in [0, 3] (`eval.rewrite.RELEVANCE_GRADES`). An
+    empty slot, when the engine finds fewer than k products, counts 0, as in the offline relevance@k, so a
+    rewrite that retrieves nothing earns nothing. Why a judge of retrieved products rather than of words:
+    a tagger of (query, rewrite) pairs sees only the tag data, and the policy learns to write rewrites it
+    overrates (experiments/README.md); the products a rewrite retrieves are what the user sees. Grades
+    are cached per (query, product), since GRPO revisits its queries and a group's rewrites share hits.
+    """
+
+    def __init__(self, engine: Retriever, k: int, grade: Any):
+        if k < 1:
+            raise ValueError(f"retrieval judge k must be >= 1, got {k}")
+        self.engine, self.k, self.grade = engine, k, grade
+        self.cache: dict[tuple[str, str], float] = {}
+
+    def __call__(self, queries: Sequence[str], rewrites: Sequence[str]) -> np.ndarray:
+        if len(queries) != len(rewrites):
+            raise ValueError(f"{len(queries)} queries but {len(rewrites)} rewrites")
+        hits = self.engine.search_batch(list(rewrites), self.k)
+        pairs = [[(query, product_id) for product_id, _ in row_hits[:self.k]]
+                 for query, row_hits in zip(queries, hits)]
+        new = list(dict.fromkeys(pair for row in pairs for pair in row if pair not in self.cache))
+        if new:
+            grades = np.asarray(self.grade([q for q, _ in new], [p for _, p in new]), np.float64)
+            self.cache.update(zip(new, grades))
+        return np.array([sum(self.cache[pair] for pair in row) / (3.0 * self.k) for row in pairs])
+
+
+def rule_grader(world) -> Any:
+    """`grade(queries, product_ids)` by the world's label rule on the training queries' gold intents (an oracle)."""
+    by_text = {q.text: q for q in world.split_queries("train")}
+
+    def grade(queries: Sequence[str], product_ids: Sequence[str]) -> np.ndarray:
+        return np.array([rewrite_eval.relevance_grade(world, by_text[q].subject, by_text[q].attributes,
+                                                      world.product_by_id[p]) for q, p in zip(queries, product_ids)])
+
+    return grade
+
+
+def student_grader(params, encoder_config, tokenizer, world, *, max_length: int, batch_size: int) -> Any:
+    """`grade(queries, product_ids)`: the expected grade under the relevance student's label head (the
+    cross-encoder of paper A's distillation), on (query, product title) pairs."""
+    grades = np.array([rewrite_eval.RELEVANCE_GRADES[label] for label in cot.LABELS], np.float64)
+
+    def grade(queries: Sequence[str], product_ids: Sequence[str]) -> np.ndarray:
+        titles = [world.product_by_id[p].title for p in product_ids]
+        probs = student_eval.student_probabilities(params, encoder_config, tokenizer, list(queries), titles,
+                                                   max_length=max_length, batch_size=batch_size)
+        return probs[cot.LABEL_NODE].astype(np.float64) @ grades
+
+    return grade
+
+
+JUDGES = ("tagger", "rule", "student", "retrieval_rule")
+
+
+def make_judge(config: ml_collections.ConfigDict, world, workdir: str, engine: Retriever,
+               judge_params: decoder.Params) -> rewards_lib.Judge:
+    """The r_rel judge `config.rewrite.judge` names; `judge_params` (the SFT policy) serve the tagger."""
+    cfg = config.rewrite
+    if cfg.judge == "tagger":
+        return TagJudge(judge_params, decoder.DecoderConfig.from_config(config.model),
+                        prepare.load_tokenizer(config, workdir),
+                        max_prompt_len=config.data.max_prompt_len + config.data.max_response_len,
+                        batch_size=cfg.judge_batch_size)
+    if cfg.judge == "rule":
+        return RuleJudge(world)
+    if cfg.judge == "retrieval_rule":
+        return RetrievalJudge(engine, cfg.k, rule_grader(world))
+    # "student". Imported here: train.distill imports the RL stage, which imports this module.
+    from graphgrpo_jax.train import distill
+
+    student = distill.restore_student(config, cfg.student_workdir or workdir)
+    return RetrievalJudge(engine, cfg.k, student_grader(
+        student, distill.student_config(), encoder.load_pair_tokenizer(encoder.minilm_folder()), world,
+        max_length=config.distill.max_length, batch_size=cfg.judge_batch_size))
+
+
 def default_rewrite_config() -> ml_collections.ConfigDict:
     """Reward options of the rewrite task (`config.rewrite`)."""
     return ml_collections.ConfigDict(dict(
@@ -133,8 +220,12 @@ def default_rewrite_config() -> ml_collections.ConfigDict:
         conv_metric="recall",  # recall | ndcg
         rule=dict(min_words=rewards_lib.DEFAULT_MIN_WORDS, max_words=rewards_lib.DEFAULT_MAX_WORDS,
                   max_chars=rewards_lib.DEFAULT_MAX_CHARS, max_word_repeats=rewards_lib.DEFAULT_MAX_WORD_REPEATS),
-        judge="tagger",  # r_rel's judge: "tagger" (TagJudge) or "rule" (RuleJudge, an oracle for ablations)
-        judge_batch_size=32,  # (query, rewrite) pairs per judge call; each pair is 3 rows
+        # r_rel's judge (JUDGES): "tagger" (TagJudge) or "rule" (RuleJudge, an oracle for ablations) judge the
+        # rewrite's words; "student" or "retrieval_rule" (an oracle) grade the top `k` products it retrieves
+        # (RetrievalJudge). "student" reads the `distill` stage's student from `student_workdir` ("" = here).
+        judge="tagger",
+        judge_batch_size=32,  # tagger: (query, rewrite) pairs per call (3 rows each); student: pairs per call
+        student_workdir="",
         # The training queries RL rewrites: "all", or "unlabelled", those without a teacher rewrite in SFT
         # (see `labelled_fraction` in config.rewrite_sft), which RL learns from only through the rewards.
         rl_queries="all",
@@ -184,15 +275,13 @@ class RewriteTask:
                      judge_params: decoder.Params) -> RewriteTask:
         """The task over the `index` stage's search index, judged with `judge_params` (the SFT policy)
         when the fusion reads `r_rel`."""
-        judge = None
-        if config.rewrite.judge not in ("tagger", "rule"):
-            raise ValueError(f"config.rewrite.judge = {config.rewrite.judge!r}: choose 'tagger' or 'rule'")
-        if "rel" in rewards_lib.FUSION_INPUTS[config.rewrite.fusion]:
-            judge = RuleJudge(world) if config.rewrite.judge == "rule" else TagJudge(
-                judge_params, decoder.DecoderConfig.from_config(config.model), prepare.load_tokenizer(config, workdir),
-                max_prompt_len=config.data.max_prompt_len + config.data.max_response_len,
-                batch_size=config.rewrite.judge_batch_size)
-        return cls(config, world, engine=SearchEngine.open(index_dir(workdir)), judge=judge)
+        cfg = config.rewrite
+        if cfg.judge not in JUDGES:
+            raise ValueError(f"config.rewrite.judge = {cfg.judge!r}: choose one of {JUDGES}")
+        engine = SearchEngine.open(index_dir(workdir))
+        reads_rel = "rel" in rewards_lib.FUSION_INPUTS[cfg.fusion]
+        judge = make_judge(config, world, workdir, engine, judge_params) if reads_rel else None
+        return cls(config, world, engine=engine, judge=judge)
 
     def prompts(self) -> list[str]:
         return [cot.rewrite_prompt(query.text) for query in self.queries]

@@ -10,8 +10,11 @@ Teacher. For every synthetic pair of the train and test splits, the policy's bel
 - `samples`: the share of `num_samples` sampled chains of thought that wrote each value, plus
   `sample_smoothing` pseudo-counts per value, so that no value has zero mass and a node that no sample
   wrote is uniform.
+- `gold`: no policy; the world's gold node values, one-hot. This trains the same multi-head cross-encoder
+  on the synthetic world's node labels, for pipelines without a relevance policy (the query-rewriting
+  pipeline's retrieval judge, `rl/rewrite_task.RetrievalJudge`).
 
-Both are computed once, written atomically to `<workdir>/distill/teacher.npz` together with the settings and
+The policy teachers are computed once, written atomically to `<workdir>/distill/teacher.npz` together with the settings and
 pair ids they came from, and reused by every later run that asks for the same teacher (a run that asks for
 another one fails rather than distil from a stale file).
 
@@ -51,7 +54,7 @@ from graphgrpo_jax.train import checkpointing, loop, mesh as mesh_lib, rl, state
 
 # Every categorical node the teacher describes and the student may have a head for, with its values.
 NODE_VALUES: dict[str, tuple[str, ...]] = {cot.LABEL_NODE: cot.LABELS, "ms": cot.MS_VALUES, "ma": cot.MA_VALUES}
-TEACHERS = ("forced", "samples")
+TEACHERS = ("forced", "samples", "gold")
 POLICIES = ("sft", "rl")  # checkpoint stages a teacher can come from
 SOURCES = ("world", "esci")
 TEACHER_SPLITS = ("train", "test")  # train: distillation targets; test: held-out KL
@@ -62,7 +65,7 @@ def default_distill_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         run_name="distill",  # stage name of checkpoints and metrics; one per student trained in a workdir
         policy="rl",  # the policy checkpoint ("sft" or "rl") that teaches
-        teacher="forced",  # forced | samples
+        teacher="forced",  # forced | samples | gold (the world's node labels, no policy)
         num_samples=8,  # samples per pair (teacher="samples")
         sample_temperature=1.0,
         sample_smoothing=0.5,  # pseudo-count per value (teacher="samples")
@@ -274,8 +277,18 @@ def load_teacher(path: str) -> tuple[Teacher, dict[str, Any]]:
     return teacher, meta
 
 
+def gold_teacher(world) -> Teacher:
+    """One-hot distributions of the world's gold node values (`distill.teacher = "gold"`)."""
+    return {split: {node: np.eye(len(values), dtype=np.float32)[[values.index(p.gold[node]) for p in pairs]]
+                    for node, values in NODE_VALUES.items()}
+            for split in TEACHER_SPLITS for pairs in [world.split_pairs(split)]}
+
+
 def ensure_teacher(config: ml_collections.ConfigDict, workdir: str, world) -> Teacher:
-    """The teacher of `teacher_path(workdir)`, computed from the policy and saved first if absent."""
+    """The teacher of `teacher_path(workdir)`, computed from the policy and saved first if absent (the gold
+    teacher is read from the world, nothing saved)."""
+    if config.distill.teacher == "gold":
+        return gold_teacher(world)
     path, expected = teacher_path(workdir), teacher_meta(config, world)
     if os.path.exists(path):
         teacher, meta = load_teacher(path)
