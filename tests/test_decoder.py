@@ -139,6 +139,21 @@ def test_token_log_probs_scores_next_tokens_and_zeroes_unconditioned_positions(p
         np.testing.assert_array_equal(got[row, :first + 1], 0.0)  # padding and the context-free first token
 
 
+def test_token_log_probs_from_a_position_skip_the_earlier_ones_only(params):
+    """`targets_from` (completions only, as the RL loss scores): the same values from there on, 0 before."""
+    tokens = random_tokens(5, (2, LENGTH))
+    mask = np.ones_like(tokens, dtype=bool)
+    mask[0, :3] = False
+    full_logp, full_entropy = decoder.token_log_probs_and_entropy(params, CONFIG, tokens, mask)
+    logp, entropy = decoder.token_log_probs_and_entropy(params, CONFIG, tokens, mask, targets_from=7)
+    for got, want in ((logp, full_logp), (entropy, full_entropy)):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got[:, 7:], want[:, 7:], atol=1e-5)
+        np.testing.assert_array_equal(got[:, :7], 0.0)
+    with pytest.raises(ValueError, match="targets_from = 0"):
+        decoder.token_log_probs(params, CONFIG, tokens, mask, targets_from=0)
+
+
 @pytest.mark.parametrize("scan_unroll", [1, CONFIG.num_layers])
 def test_prefill_then_single_steps_match_full_forward(params, scan_unroll):
     tokens = random_tokens(6, (2, LENGTH))

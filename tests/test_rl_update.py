@@ -42,12 +42,12 @@ def setup():
     return model_config, params, spec, settings, batch, graph
 
 
-def _update(setup, mode, num_iterations):
+def _update(setup, mode, num_iterations, **update_kwargs):
     model_config, params, spec, settings, batch, graph = setup
     cfg = grpo.default_grpo_config()
     cfg.update(num_generations=G, num_iterations=num_iterations, max_completion_length=C)
     optimizer = state.make_optimizer(ml_collections.ConfigDict(dict(learning_rate=1e-2)), 10)
-    update = rl.make_update(model_config, cfg, spec, settings, optimizer, mode)
+    update = rl.make_update(model_config, cfg, spec, settings, optimizer, mode, **update_kwargs)
     phi = jnp.full((spec.num_edges,), 0.5)
     copy = jax.tree_util.tree_map(jnp.copy, params)
     return update(copy, optimizer.init(copy), phi, batch, graph, None), cfg
@@ -57,6 +57,17 @@ def test_main_loss_gradient_is_nonzero_with_two_iterations(setup):
     (_, _, g_phi, metrics), _ = _update(setup, "main_loss", num_iterations=2)
     assert np.all(np.isfinite(g_phi)) and np.linalg.norm(g_phi) > 0
     assert np.isfinite(float(metrics["loss"]))
+
+
+def test_scoring_completions_only_changes_nothing(setup):
+    """`prompt_len` skips the prompt block's logits; the loss reads completions only, so the update is the same."""
+    (params, _, g_phi, metrics), _ = _update(setup, "main_loss", num_iterations=2)
+    (params_p, _, g_phi_p, metrics_p), _ = _update(setup, "main_loss", num_iterations=2, prompt_len=P)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), params, params_p)
+    np.testing.assert_allclose(g_phi, g_phi_p, atol=1e-6)
+    assert metrics_p.keys() == metrics.keys()
+    for key in metrics:
+        np.testing.assert_allclose(metrics_p[key], metrics[key], atol=1e-5, err_msg=key)
 
 
 def test_alignment_gradient_matches_finite_differences(setup):

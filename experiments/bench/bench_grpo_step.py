@@ -97,7 +97,9 @@ def our_grpo_step(params: decoder.Params, config: decoder.DecoderConfig, tokeniz
     settings = credit_lib.CreditSettings(variant="outcome")
     optimizer = state_lib.make_optimizer(ml_collections.ConfigDict(
         dict(learning_rate=LEARNING_RATE, grad_clip=1.0, b1=0.9, b2=0.999, weight_decay=0.0)), num_steps=1)
-    update = rl.make_update(config, grpo_options(group, completion_len), spec, settings, optimizer)
+    # As the RL stage does: log-probs of the completions only (TRL's GRPOTrainer keeps those logits only, too).
+    update = rl.make_update(config, grpo_options(group, completion_len), spec, settings, optimizer,
+                            prompt_len=prompt_len)
     state = state_lib.create_state(jax.tree_util.tree_map(jnp.copy, params), optimizer, jax.random.key(0))
     phi = jnp.asarray(spec.phi_init, jnp.float32)
     tokens, mask = tokenization.encode_batch(tokenizer, prompts, prompt_len)

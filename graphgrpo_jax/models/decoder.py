@@ -395,13 +395,14 @@ def forward(params: Params, config: DecoderConfig, tokens: jax.Array, attention_
 
 
 def token_log_probs(params: Params, config: DecoderConfig, tokens: jax.Array,
-                    attention_mask: jax.Array) -> jax.Array:
+                    attention_mask: jax.Array, *, targets_from: int = 1) -> jax.Array:
     """log p(tokens[:, t] | tokens[:, <t]) as [B, T] fp32.
 
     Zero where there is no context to condition on: position 0, padding, and a row's first real token
-    (under left padding the token before it is padding).
+    (under left padding the token before it is padding); and before `targets_from` (see
+    `token_log_probs_and_entropy`).
     """
-    return token_log_probs_and_entropy(params, config, tokens, attention_mask)[0]
+    return token_log_probs_and_entropy(params, config, tokens, attention_mask, targets_from=targets_from)[0]
 
 
 # Most fp32 logits `token_log_probs_and_entropy` holds at once (256 MB); larger [B, T, V] blocks are scored
@@ -410,18 +411,23 @@ LOGITS_BUDGET = 2 ** 26
 
 
 def token_log_probs_and_entropy(params: Params, config: DecoderConfig, tokens: jax.Array,
-                                attention_mask: jax.Array, *, logits_budget: int = LOGITS_BUDGET
-                                ) -> tuple[jax.Array, jax.Array]:
+                                attention_mask: jax.Array, *, logits_budget: int = LOGITS_BUDGET,
+                                targets_from: int = 1) -> tuple[jax.Array, jax.Array]:
     """`token_log_probs` and the entropy of the distribution each token was drawn from, both [B, T].
 
     One forward pass for both (the RL loss logs the policy's entropy); under jit an unused entropy costs
-    nothing. When the [B, T, V] logits exceed `logits_budget` elements (a 150k vocabulary at 32 × 512 is
+    nothing. Only the tokens at positions `targets_from` and later are scored; the others get 0 and the
+    LM head never sees their positions (TRL's `logits_to_keep`: the RL loss reads completions only, so
+    the prompt's [B, P, V] logits, their softmax and its gradient would be wasted work). When the [B, T, V] logits exceed `logits_budget` elements (a 150k vocabulary at 32 × 512 is
     10 GB per copy), positions are scored `logits_budget // (B · V)` at a time under `jax.checkpoint`, so
     memory stays at one chunk's logits in the forward and the backward pass alike.
     """
+    if not 1 <= targets_from < tokens.shape[1]:
+        raise ValueError(f"targets_from = {targets_from}: must be in [1, {tokens.shape[1]}) for {tokens.shape[1]} "
+                         f"tokens per row")
     module = Decoder(config)
     hidden, _ = module.apply({"params": params}, tokens, attention_mask)
-    hidden, targets = hidden[:, :-1], tokens[:, 1:]
+    hidden, targets = hidden[:, targets_from - 1:-1], tokens[:, targets_from:]
 
     def score(hidden: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
         logits = module.apply({"params": params}, hidden, method="logits")
@@ -441,8 +447,8 @@ def token_log_probs_and_entropy(params: Params, config: DecoderConfig, tokens: j
         scores = jax.lax.map(lambda block: jax.checkpoint(score)(*block), (split(hidden), split(targets)))
         logp, entropy = (jnp.moveaxis(x, 0, 1).reshape(batch, -1)[:, :positions] for x in scores)
     mask = attention_mask.astype(bool)
-    scored = mask[:, 1:] & mask[:, :-1]
-    pad = lambda x: jnp.pad(jnp.where(scored, x, 0.0), ((0, 0), (1, 0)))
+    scored = mask[:, targets_from:] & mask[:, targets_from - 1:-1]
+    pad = lambda x: jnp.pad(jnp.where(scored, x, 0.0), ((0, 0), (targets_from, 0)))
     return pad(logp), pad(entropy)
 
 

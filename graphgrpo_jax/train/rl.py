@@ -68,26 +68,37 @@ def restore_policy(config: ml_collections.ConfigDict, workdir: str, stage: str =
 
 @functools.lru_cache(maxsize=8)
 def _cached_update(model_config, grpo_json: str, spec, settings, optim_json: str, num_steps: int,
-                   controller_mode: str):
+                   controller_mode: str, prompt_len: int | None):
     optim_cfg = ml_collections.ConfigDict(json.loads(optim_json))
     return make_update(model_config, ml_collections.ConfigDict(json.loads(grpo_json)), spec, settings,
-                       state_lib.make_optimizer(optim_cfg, num_steps), controller_mode)
+                       state_lib.make_optimizer(optim_cfg, num_steps), controller_mode, prompt_len=prompt_len)
 
 
-def make_update(model_config, grpo_cfg, spec, settings, optimizer, controller_mode: str = "fixed"):
+def make_update(model_config, grpo_cfg, spec, settings, optimizer, controller_mode: str = "fixed", *,
+                prompt_len: int | None = None):
     """Jitted μ-iteration update: returns new params/opt state, the φ-gradient for the controller and metrics.
+
+    `prompt_len`: the width of the batch's prompt block (every row's completion starts there), so that
+    log-probs are computed for completion tokens only (`decoder.token_log_probs_and_entropy`'s
+    `targets_from`); None scores every position.
 
     The φ-gradient is what the controller descends: for `main_loss`, dLoss/dφ averaged over the μ
     iterations; for `alignment`, minus the gradient of the cross-fitted cosine between the graph-credit
     and the outcome-GRPO policy gradients (graph/controller.py), taken at the pre-update policy.
     """
     outcome_settings = dataclasses.replace(settings, variant="outcome")
+    targets_from = 1 if prompt_len is None else prompt_len
+
+    def log_probs(params, tokens, attention_mask):
+        """(log-probs, entropies) `[N, L]` of the completion tokens, 0 on the prompt block."""
+        return decoder.token_log_probs_and_entropy(params, model_config, tokens, attention_mask,
+                                                   targets_from=targets_from)
 
     def surrogate(params, phi, batch, graph, rows: slice, credit_settings):
         """The μ = 1 policy loss over `rows` (whole groups); its params-gradient is the policy gradient."""
         credit = credit_lib.compute_credit(graph, phi, batch["node_ids"], batch["completion_mask"],
                                            spec=spec, settings=credit_settings)
-        logp = decoder.token_log_probs(params, model_config, batch["tokens"][rows], batch["attention_mask"][rows])
+        logp, _ = log_probs(params, batch["tokens"][rows], batch["attention_mask"][rows])
         loss, _ = grpo.policy_loss(logp, None, credit.token_advantages[rows], batch["completion_mask"][rows],
                                    grpo_cfg, truncated=batch["truncated"][rows])
         return loss
@@ -103,8 +114,7 @@ def make_update(model_config, grpo_cfg, spec, settings, optimizer, controller_mo
     def loss_fn(params, phi, batch, graph, old_logp, ref_logp):
         credit = credit_lib.compute_credit(graph, phi, batch["node_ids"], batch["completion_mask"],
                                            spec=spec, settings=settings)
-        logp, entropy = decoder.token_log_probs_and_entropy(params, model_config, batch["tokens"],
-                                                            batch["attention_mask"])
+        logp, entropy = log_probs(params, batch["tokens"], batch["attention_mask"])
         loss, metrics = grpo.policy_loss(logp, old_logp, credit.token_advantages, batch["completion_mask"],
                                          grpo_cfg, ref_logp=ref_logp, truncated=batch["truncated"],
                                          entropy=jax.lax.stop_gradient(entropy))
@@ -114,11 +124,10 @@ def make_update(model_config, grpo_cfg, spec, settings, optimizer, controller_mo
     def update(params, opt_state, phi, batch, graph, ref_params):
         ref_logp = None
         if grpo_cfg.beta > 0:
-            ref_logp = decoder.token_log_probs(ref_params, model_config, batch["tokens"], batch["attention_mask"])
+            ref_logp = log_probs(ref_params, batch["tokens"], batch["attention_mask"])[0]
         old_logp = None
         if grpo_cfg.num_iterations > 1:
-            old_logp = jax.lax.stop_gradient(
-                decoder.token_log_probs(params, model_config, batch["tokens"], batch["attention_mask"]))
+            old_logp = jax.lax.stop_gradient(log_probs(params, batch["tokens"], batch["attention_mask"])[0])
 
         def iteration(carry, _):
             params, opt_state = carry
@@ -178,7 +187,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # Cached on the (hashable) settings, so repeated runs in one process (ablations, tests) compile once.
     update = mesh_lib.shard_rl_update(
         _cached_update(model_config, grpo_cfg.to_json(sort_keys=True), spec, settings,
-                       config.rl_optim.to_json(sort_keys=True), cfg.num_steps, ctrl_settings.mode),
+                       config.rl_optim.to_json(sort_keys=True), cfg.num_steps, ctrl_settings.mode,
+                       config.data.max_prompt_len),  # every prompt is padded to this width
         layout.mesh, shardings["params"], shardings["opt_state"], reference=grpo_cfg.beta > 0,
         batch_shardings=layout.batch_sharding)
     generate = mesh_lib.shard_sampler(layout.mesh, shardings["params"], model_config,
