@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -129,6 +129,10 @@ class RuleJudge:
         return np.eye(len(cot.REWRITE_TAGS))[[cot.REWRITE_TAGS.index(tag) for tag in tags]]
 
 
+# `grade(queries, product_ids) -> [N]`: expected relevance grades in [0, 3] of (query, product) pairs.
+Grader = Callable[[Sequence[str], Sequence[str]], np.ndarray]
+
+
 class RetrievalJudge:
     """`judge(queries, rewrites) -> [M]`: the mean relevance grade, scaled to [0, 1], of the `k` products the
     engine retrieves for each rewrite, graded against the *original* query.
@@ -141,7 +145,7 @@ class RetrievalJudge:
     are cached per (query, product), since GRPO revisits its queries and a group's rewrites share hits.
     """
 
-    def __init__(self, engine: Retriever, k: int, grade: Any):
+    def __init__(self, engine: Retriever, k: int, grade: Grader):
         if k < 1:
             raise ValueError(f"retrieval judge k must be >= 1, got {k}")
         self.engine, self.k, self.grade = engine, k, grade
@@ -160,7 +164,7 @@ class RetrievalJudge:
         return np.array([sum(self.cache[pair] for pair in row) / (3.0 * self.k) for row in pairs])
 
 
-def rule_grader(world) -> Any:
+def rule_grader(world) -> Grader:
     """`grade(queries, product_ids)` by the world's label rule on the training queries' gold intents (an oracle)."""
     by_text = {q.text: q for q in world.split_queries("train")}
 
@@ -171,7 +175,7 @@ def rule_grader(world) -> Any:
     return grade
 
 
-def student_grader(params, encoder_config, tokenizer, world, *, max_length: int, batch_size: int) -> Any:
+def student_grader(params, encoder_config, tokenizer, world, *, max_length: int, batch_size: int) -> Grader:
     """`grade(queries, product_ids)`: the expected grade under the relevance student's label head (the
     cross-encoder of paper A's distillation), on (query, product title) pairs."""
     grades = np.array([rewrite_eval.RELEVANCE_GRADES[label] for label in cot.LABELS], np.float64)
