@@ -418,9 +418,11 @@ def token_log_probs_and_entropy(params: Params, config: DecoderConfig, tokens: j
     One forward pass for both (the RL loss logs the policy's entropy); under jit an unused entropy costs
     nothing. Only the tokens at positions `targets_from` and later are scored; the others get 0 and the
     LM head never sees their positions (TRL's `logits_to_keep`: the RL loss reads completions only, so
-    the prompt's [B, P, V] logits, their softmax and its gradient would be wasted work). When the [B, T, V] logits exceed `logits_budget` elements (a 150k vocabulary at 32 × 512 is
-    10 GB per copy), positions are scored `logits_budget // (B · V)` at a time under `jax.checkpoint`, so
-    memory stays at one chunk's logits in the forward and the backward pass alike.
+    the prompt's [B, P, V] logits, their softmax and its gradient would be wasted work).
+
+    When the [B, T, V] logits exceed `logits_budget` elements (a 150k vocabulary at 32 × 512 is 10 GB per
+    copy), positions are scored `logits_budget // (B · V)` at a time under `jax.checkpoint`, so memory
+    stays at one chunk's logits in the forward and the backward pass alike.
     """
     if not 1 <= targets_from < tokens.shape[1]:
         raise ValueError(f"targets_from = {targets_from}: must be in [1, {tokens.shape[1]}) for {tokens.shape[1]} "

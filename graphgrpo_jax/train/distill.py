@@ -14,9 +14,9 @@ Teacher. For every synthetic pair of the train and test splits, the policy's bel
   on the synthetic world's node labels, for pipelines without a relevance policy (the query-rewriting
   pipeline's retrieval judge, `rl/rewrite_task.RetrievalJudge`).
 
-The policy teachers are computed once, written atomically to `<workdir>/distill/teacher.npz` together with the settings and
-pair ids they came from, and reused by every later run that asks for the same teacher (a run that asks for
-another one fails rather than distil from a stale file).
+The policy teachers are computed once, written atomically to `<workdir>/distill/teacher.npz` together with
+the settings and pair ids they came from, and reused by every later run that asks for the same teacher (a
+run that asks for another one fails rather than distil from a stale file).
 
 Student. MiniLM-L6 (pretrained) with one classification head per node of `distill.heads`, trained with
 
