@@ -403,7 +403,8 @@ def test_student_judge_grades_the_hits_with_the_distilled_student(pipeline, conf
     config = rewrite_configs.get_config("micro")
     config.rewrite.judge = "student"
     report = distill.run(config, str(pipeline))
-    assert report["heads"] == ["y", "ms", "ma"] and set(report["synthetic_test"]["per_node_accuracy"]) == {"y", "ms", "ma"}
+    assert report["heads"] == ["y", "ms", "ma"]
+    assert set(report["synthetic_test"]["per_node_accuracy"]) == {"y", "ms", "ma"}
     task = rewrite_task.RewriteTask.from_workdir(config, world, str(pipeline), judge_params=None)
     queries = task.queries[:5]
     rewrites = [q.gold_rewrite for q in queries[:3]] + [q.text for q in queries[3:]]
