@@ -205,7 +205,7 @@ def test_rule_judge_is_the_worlds_rule_one_hot(world):
     config = rewrite_configs.get_config("micro")
     config.rewrite.judge = "oracle"
     with pytest.raises(ValueError, match="config.rewrite.judge = 'oracle'"):
-        rewrite_task.RewriteTask.from_workdir(config, world, "unused", judge_params=None)
+        rewrite_task.RewriteTask.from_workdir(config, world, "unused", load_sft_params=None)
 
 
 class CountingGrader:
@@ -405,7 +405,7 @@ def test_student_judge_grades_the_hits_with_the_distilled_student(pipeline, conf
     report = distill.run(config, str(pipeline))
     assert report["heads"] == ["y", "ms", "ma"]
     assert set(report["synthetic_test"]["per_node_accuracy"]) == {"y", "ms", "ma"}
-    task = rewrite_task.RewriteTask.from_workdir(config, world, str(pipeline), judge_params=None)
+    task = rewrite_task.RewriteTask.from_workdir(config, world, str(pipeline), load_sft_params=None)
     queries = task.queries[:5]
     rewrites = [q.gold_rewrite for q in queries[:3]] + [q.text for q in queries[3:]]
     scores = task.judge([q.text for q in queries], rewrites)

@@ -193,11 +193,11 @@ JUDGES = ("tagger", "rule", "student", "retrieval_rule")
 
 
 def make_judge(config: ml_collections.ConfigDict, world, workdir: str, engine: Retriever,
-               judge_params: decoder.Params) -> rewards_lib.Judge:
-    """The r_rel judge `config.rewrite.judge` names; `judge_params` (the SFT policy) serve the tagger."""
+               load_sft_params: Callable[[], decoder.Params]) -> rewards_lib.Judge:
+    """The r_rel judge `config.rewrite.judge` names; the tagger reads the SFT policy from `load_sft_params()`."""
     cfg = config.rewrite
     if cfg.judge == "tagger":
-        return TagJudge(judge_params, decoder.DecoderConfig.from_config(config.model),
+        return TagJudge(load_sft_params(), decoder.DecoderConfig.from_config(config.model),
                         prepare.load_tokenizer(config, workdir),
                         max_prompt_len=config.data.max_prompt_len + config.data.max_response_len,
                         batch_size=cfg.judge_batch_size)
@@ -276,15 +276,15 @@ class RewriteTask:
 
     @classmethod
     def from_workdir(cls, config: ml_collections.ConfigDict, world, workdir: str, *,
-                     judge_params: decoder.Params) -> RewriteTask:
-        """The task over the `index` stage's search index, judged with `judge_params` (the SFT policy)
-        when the fusion reads `r_rel`."""
+                     load_sft_params: Callable[[], decoder.Params]) -> RewriteTask:
+        """The task over the `index` stage's search index, with the judge of `config.rewrite.judge` when the
+        fusion reads `r_rel`. `load_sft_params()` restores the SFT policy, called only for the tagging judge."""
         cfg = config.rewrite
         if cfg.judge not in JUDGES:
             raise ValueError(f"config.rewrite.judge = {cfg.judge!r}: choose one of {JUDGES}")
         engine = SearchEngine.open(index_dir(workdir))
         reads_rel = "rel" in rewards_lib.FUSION_INPUTS[cfg.fusion]
-        judge = make_judge(config, world, workdir, engine, judge_params) if reads_rel else None
+        judge = make_judge(config, world, workdir, engine, load_sft_params) if reads_rel else None
         return cls(config, world, engine=engine, judge=judge)
 
     def prompts(self) -> list[str]:

@@ -36,9 +36,9 @@ from graphgrpo_jax.train import checkpointing, loop, mesh as mesh_lib, sft, stat
 # completions scored (see rl/rollout.py); the workdir holds what a task reads from earlier stages.
 TASKS = {
     "relevance": lambda config, world, spec, workdir: rollout.RelevanceTask(config, world, spec),
-    # Searches the `index` stage's index; judges relevance with a frozen copy of the SFT policy.
+    # Searches the `index` stage's index; the r_rel judge of `config.rewrite.judge` (the tagger: a frozen SFT copy).
     "rewrite": lambda config, world, spec, workdir: rewrite_task.RewriteTask.from_workdir(
-        config, world, workdir, judge_params=restore_policy(config, workdir)),
+        config, world, workdir, load_sft_params=lambda: restore_policy(config, workdir)),
 }
 
 
