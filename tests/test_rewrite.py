@@ -425,3 +425,28 @@ def test_student_judge_grades_the_hits_with_the_distilled_student(pipeline, conf
     offsets = [np.zeros((1, 2), np.int64)] * len(queries)
     scored = task.score(np.arange(len(queries)), rewrites, offsets)
     assert scored.metrics["rl/reward_rel"] == pytest.approx(np.mean(scores))
+
+    # rewrite_eval scores the student judge on the policy's own rewrites against the truth; the true score
+    # is the offline relevance@k / 3 of the same report.
+    config.rewrite_eval.update(policies=("sft",), splits=("test",))
+    report_path = pipeline / "rewrite_eval" / "metrics.json"
+    kept = report_path.read_bytes()  # the pipeline's own report, which other tests read
+    try:
+        report = rewrite.run_eval(config, str(pipeline))["sft/test"]
+    finally:
+        report_path.write_bytes(kept)
+    judged = report["retrieval_judge"]
+    assert judged["own_true_score"] == pytest.approx(report["relevance"] / 3)
+    assert 0.0 <= judged["own_score"] <= 1.0
+    corr = judged["score_truth_corr"]  # NaN when either side is flat (a 2-step student on 8 queries may be)
+    assert np.isnan(corr) or -1.0 <= corr <= 1.0
+
+
+def test_score_judge_metrics_hand_computed(world):
+    queries = world.split_queries("test")[:3]
+    judge = lambda texts, rewrites: np.array([0.9, 0.5, 0.4])
+    truth = lambda texts, rewrites: np.array([0.6, 0.2, 0.1])
+    report = rewrite_eval.score_judge_metrics(judge, truth, queries, ["a", "b", "c"])
+    assert report == pytest.approx({"own_score": 0.6, "own_true_score": 0.3, "score_truth_corr": 1.0})
+    flat = rewrite_eval.score_judge_metrics(judge, lambda t, r: np.full(3, 0.5), queries, ["a", "b", "c"])
+    assert np.isnan(flat["score_truth_corr"])

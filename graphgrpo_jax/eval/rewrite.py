@@ -12,7 +12,8 @@
 The same metrics of the raw query and of the gold rewrite frame a policy's figures (the gold rewrite is
 the ceiling of accuracy by construction, though not of recall or relevance: BM25 ranks by words).
 Rewrites come from greedy decoding (`generate_rewrites`). For a policy trained on the tagging task,
-`tag_accuracy` and `judge_metrics` report how well its tags (the `r_rel` judge) agree with the world's rule.
+`tag_accuracy` and `judge_metrics` report how well its tags (the `r_rel` judge) agree with the world's rule;
+`score_judge_metrics` does the same for a judge that scores (the retrieval judge of the student).
 """
 
 from __future__ import annotations
@@ -102,6 +103,18 @@ def judge_metrics(judge: Callable[[Sequence[str], Sequence[str]], np.ndarray], w
         "own_p_relevant": float(probs[:, cot.REWRITE_TAGS.index("relevant")].mean()),
         "own_truly_relevant": float(np.mean([t == "relevant" for t in truth])),
     }
+
+
+def score_judge_metrics(judge: Callable[[Sequence[str], Sequence[str]], np.ndarray],
+                        truth: Callable[[Sequence[str], Sequence[str]], np.ndarray],
+                        queries: Sequence[world_lib.Query], rewrites: Sequence[str]) -> dict[str, float]:
+    """A scoring judge (`[M]` in [0, 1]) on a policy's own rewrites against the true scores: both means and
+    their correlation across queries. A judge that the policy games scores its rewrites above the truth."""
+    texts = [q.text for q in queries]
+    scores, true_scores = np.asarray(judge(texts, rewrites)), np.asarray(truth(texts, rewrites))
+    spread = scores.std() > 0 and true_scores.std() > 0
+    return {"own_score": float(scores.mean()), "own_true_score": float(true_scores.mean()),
+            "score_truth_corr": float(np.corrcoef(scores, true_scores)[0, 1]) if spread else float("nan")}
 
 
 def generate_rewrites(params: decoder.Params, model_config: decoder.DecoderConfig, tokenizer: Any,

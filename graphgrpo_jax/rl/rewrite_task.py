@@ -164,9 +164,10 @@ class RetrievalJudge:
         return np.array([sum(self.cache[pair] for pair in row) / (3.0 * self.k) for row in pairs])
 
 
-def rule_grader(world) -> Grader:
-    """`grade(queries, product_ids)` by the world's label rule on the training queries' gold intents (an oracle)."""
-    by_text = {q.text: q for q in world.split_queries("train")}
+def rule_grader(world, queries: Sequence[Any] | None = None) -> Grader:
+    """`grade(queries, product_ids)` by the world's label rule on the gold intents of `queries` (default: the
+    training queries), looked up by text: an oracle."""
+    by_text = {q.text: q for q in (world.split_queries("train") if queries is None else queries)}
 
     def grade(queries: Sequence[str], product_ids: Sequence[str]) -> np.ndarray:
         return np.array([rewrite_eval.relevance_grade(world, by_text[q].subject, by_text[q].attributes,

@@ -142,6 +142,9 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
         # Its accuracy on each split's labelled tag pairs (the world draws 3 tags per query).
         tag_accuracies = {split: rewrite_eval.tag_accuracy(judge, world.split_rewrite_tags(split)[:3 * len(qs)])
                           for split, qs in queries.items()}
+    # The student retrieval judge, when RL used it, against the true relevance@k of the same rewrites.
+    student = (rewrite_task.make_judge(config, world, workdir, engine, load_sft_params=None)
+               if config.rewrite.judge == "student" else None)
     results = {}
     for split, split_queries in queries.items():
         results[f"raw/{split}"] = rewrite_eval.rewrite_metrics(world, engine, split_queries,
@@ -160,6 +163,10 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 results[f"{stage}/{split}"]["judge"] = {
                     "tag_accuracy": tag_accuracies[split],
                     **rewrite_eval.judge_metrics(judge, world, split_queries, rewrites)}
+            if student is not None:
+                truth = rewrite_task.RetrievalJudge(engine, student.k, rewrite_task.rule_grader(world, split_queries))
+                results[f"{stage}/{split}"]["retrieval_judge"] = rewrite_eval.score_judge_metrics(
+                    student, truth, split_queries, rewrites)
     for name, report in results.items():
         logging.info("%s: accuracy %.3f, recall@%d %.3f, relevance@%d %.3f", name, report["accuracy"],
                      cfg.k, report["recall"], cfg.k, report["relevance"])
