@@ -143,8 +143,11 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
         tag_accuracies = {split: rewrite_eval.tag_accuracy(judge, world.split_rewrite_tags(split)[:3 * len(qs)])
                           for split, qs in queries.items()}
     # The student retrieval judge, when RL used it, against the true relevance@k of the same rewrites.
-    student = (rewrite_task.make_judge(config, world, workdir, engine, load_sft_params=None)
-               if config.rewrite.judge == "student" else None)
+    student, truths = None, {}
+    if config.rewrite.judge == "student":
+        student = rewrite_task.make_judge(config, world, workdir, engine, load_sft_params=None)
+        truths = {split: rewrite_task.RetrievalJudge(engine, student.k, rewrite_task.rule_grader(world, qs))
+                  for split, qs in queries.items()}
     results = {}
     for split, split_queries in queries.items():
         results[f"raw/{split}"] = rewrite_eval.rewrite_metrics(world, engine, split_queries,
@@ -164,9 +167,8 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     "tag_accuracy": tag_accuracies[split],
                     **rewrite_eval.judge_metrics(judge, world, split_queries, rewrites)}
             if student is not None:
-                truth = rewrite_task.RetrievalJudge(engine, student.k, rewrite_task.rule_grader(world, split_queries))
                 results[f"{stage}/{split}"]["retrieval_judge"] = rewrite_eval.score_judge_metrics(
-                    student, truth, split_queries, rewrites)
+                    student, truths[split], split_queries, rewrites)
     for name, report in results.items():
         logging.info("%s: accuracy %.3f, recall@%d %.3f, relevance@%d %.3f", name, report["accuracy"],
                      cfg.k, report["recall"], cfg.k, report["relevance"])
