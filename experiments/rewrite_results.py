@@ -5,7 +5,7 @@ r"""Query rewriting (paper B): raw query vs single-task SFT vs multi-task SFT vs
 
 Per seed: one single-task SFT (rewrite generation only) and one multi-task SFT (generation + tagging,
 1:1); each GRPO variant starts from that seed's multi-task SFT policy (or, `--grpo_from=single`, from its
-single-task one, for fusions without the judge). The seed changes the model's
+single-task one, for fusions without r_rel or with a judge other than the tagging task). The seed changes the model's
 initialisation, the batches and the sampling; the world (catalogue, queries) stays the same. Prints
 accuracy, recall@k and relevance@k on the chosen split as mean ± std over seeds (the gold rewrite is the
 ceiling of accuracy). Finished runs are reused, so an interrupted sweep resumes.
@@ -29,7 +29,7 @@ _FUSIONS = flags.DEFINE_list("fusions", list(rewards.FUSION_MODES), "GRPO reward
 _SPLIT = flags.DEFINE_string("split", "test", "Held-out split of the table (test or ood).")
 _OVERRIDES = flags.DEFINE_multi_string("set", [], "Config overrides for every run, e.g. rl.num_steps=100.")
 _GRPO_FROM = flags.DEFINE_enum("grpo_from", "multi", ["multi", "single"], "The SFT policy GRPO starts from; "
-                               "`single` (no tagging task, so no judge) only with fusions that do not read r_rel.")
+                               "`single` has no tagging task, so not with the tagger judge in r_rel.")
 
 METRICS = ("accuracy", "recall", "relevance")
 JUDGE_METRICS = ("tag_accuracy", "own_tag_accuracy", "own_p_relevant", "own_truly_relevant")
@@ -50,6 +50,12 @@ def _run(workdir: str, seed: int, stages: tuple[str, ...], policies: tuple[str, 
         return json.load(f)
 
 
+def _reads_tagger(fusion: str) -> bool:
+    """Whether GRPO with `fusion` asks the SFT policy's own tagging task for r_rel."""
+    config = common.apply_overrides(rewrite_configs.get_config(_VARIANT.value), _OVERRIDES.value)
+    return "rel" in rewards.FUSION_INPUTS[fusion] and config.rewrite.judge == "tagger"
+
+
 def sweep_seed(seed: int) -> dict[str, dict]:
     """{row name: report on the split} for one seed."""
     base = os.path.join(_BASE.value, f"seed{seed}")
@@ -64,9 +70,9 @@ def sweep_seed(seed: int) -> dict[str, dict]:
     for fusion in _FUSIONS.value:
         rl_dir, sft_dir, label = os.path.join(base, f"grpo_{fusion}"), multi_dir, f"GRPO, reward {fusion}"
         if _GRPO_FROM.value == "single":
-            if "rel" in rewards.FUSION_INPUTS[fusion]:
-                raise app.UsageError(f"--grpo_from=single: fusion {fusion!r} reads r_rel, whose judge is the "
-                                     "multi-task SFT's tagging task")
+            if _reads_tagger(fusion):
+                raise app.UsageError(f"--grpo_from=single: fusion {fusion!r} reads r_rel from the tagger judge, "
+                                     "the multi-task SFT's tagging task (set rewrite.judge to another judge)")
             rl_dir, sft_dir = f"{rl_dir}_from_single", os.path.join(base, "single_task_sft")
             label = f"GRPO from single-task SFT, reward {fusion}"
         if not os.path.exists(rl_dir):  # start from this seed's SFT policy
