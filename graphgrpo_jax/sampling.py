@@ -113,16 +113,19 @@ def sample_tokens(logits: jax.Array, rng: jax.Array, params: SamplingParams) -> 
     return jax.lax.cond(jnp.asarray(params.temperature) > 0, draw, greedy, logits)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "cache_len"))
+@functools.partial(jax.jit, static_argnames=("config", "cache_len", "group_size"))
 def prefill(params: decoder.Params, config: decoder.DecoderConfig, prompt_tokens: jax.Array,
-            prompt_mask: jax.Array, cache_len: int) -> tuple[jax.Array, decoder.KVCache]:
+            prompt_mask: jax.Array, cache_len: int, group_size: int = 1) -> tuple[jax.Array, decoder.KVCache]:
     """Runs left-padded prompts [B, P] through a fresh cache of `cache_len` slots.
 
     Returns the logits [B, V] of each row's next token (the last column is real under left padding)
-    and the cache.
+    and the cache. With `group_size` G > 1 the rows come in groups of G identical prompts (GRPO's G
+    samples per prompt): each group's prompt runs once and its logits and cache rows are repeated.
     """
+    prompt_tokens, prompt_mask = prompt_tokens[::group_size], prompt_mask[::group_size]
     cache = decoder.init_cache(config, prompt_tokens.shape[0], cache_len)
-    return decoder.extend_cache(params, config, cache, prompt_tokens, prompt_mask)
+    logits, cache = decoder.extend_cache(params, config, cache, prompt_tokens, prompt_mask)
+    return jnp.repeat(logits, group_size, axis=0), decoder.repeat_cache_rows(cache, group_size)
 
 
 class _LoopState(NamedTuple):
@@ -184,29 +187,47 @@ def decode(params: decoder.Params, config: decoder.DecoderConfig, cache: decoder
     return output, final.cache
 
 
-def generate(params: decoder.Params, config: decoder.DecoderConfig, prompt_tokens: jax.Array,
-             prompt_mask: jax.Array, rng: jax.Array, *, max_new_tokens: int, eos_ids: int | Sequence[int],
-             pad_id: int, sampling: SamplingParams = SamplingParams()) -> SampleOutput:
-    """Completions for a batch of left-padded prompts [B, P] (mask True on real tokens).
-
-    Compiles once per (config, batch, prompt length, max_new_tokens); new params, rng, sampling knobs or
-    EOS/pad ids reuse the compiled code.
-    """
-    prompt_mask = jnp.asarray(prompt_mask, bool)
+def check_prompts(prompt_tokens, prompt_mask, group_size: int = 1, first_row: int = 0) -> None:
+    """Fails, naming rows, unless the prompts [B, P] are left-padded and non-empty, and, with `group_size`
+    G > 1, come in consecutive groups of G identical rows (what `prefill` then runs once per group).
+    `first_row` numbers the rows of a shard."""
+    prompt_tokens, prompt_mask = np.asarray(prompt_tokens), np.asarray(prompt_mask, bool)
     if prompt_tokens.ndim != 2 or prompt_tokens.shape != prompt_mask.shape:
         raise ValueError(f"prompt_tokens {prompt_tokens.shape} and prompt_mask {prompt_mask.shape} must be "
                          f"the same [batch, length] shape")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
-    ends_in_padding = np.flatnonzero(~np.asarray(prompt_mask[:, -1]))
+    ends_in_padding = np.flatnonzero(~prompt_mask[:, -1]) + first_row
     if ends_in_padding.size:
         raise ValueError(f"prompts must be left-padded and non-empty; rows {ends_in_padding[:5].tolist()} "
                          f"end in padding")
+    if group_size < 1 or len(prompt_tokens) % group_size:
+        raise ValueError(f"group_size {group_size} does not divide the {len(prompt_tokens)} prompt rows")
+    masked = np.where(prompt_mask, prompt_tokens, -1).reshape(-1, group_size, prompt_tokens.shape[1])
+    differs = np.flatnonzero(np.any(masked != masked[:, :1], axis=(1, 2)))
+    if differs.size:
+        raise ValueError(f"group_size {group_size}: the prompts of groups {differs[:5].tolist()} (rows from "
+                         f"{first_row + differs[0] * group_size}) are not identical within the group")
+
+
+def generate(params: decoder.Params, config: decoder.DecoderConfig, prompt_tokens: jax.Array,
+             prompt_mask: jax.Array, rng: jax.Array, *, max_new_tokens: int, eos_ids: int | Sequence[int],
+             pad_id: int, sampling: SamplingParams = SamplingParams(), group_size: int = 1) -> SampleOutput:
+    """Completions for a batch of left-padded prompts [B, P] (mask True on real tokens).
+
+    `group_size` G > 1: rows come in consecutive groups of G identical prompts, each prefilled once
+    (see `prefill`); the G completions of a group still differ through sampling.
+
+    Compiles once per (config, batch, prompt length, max_new_tokens, group size); new params, rng,
+    sampling knobs or EOS/pad ids reuse the compiled code.
+    """
+    check_prompts(prompt_tokens, prompt_mask, group_size)
+    prompt_mask = jnp.asarray(prompt_mask, bool)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
     # Fixed dtypes, so Python numbers and arrays hit the same compiled decode loop.
     sampling = SamplingParams(jnp.asarray(sampling.temperature, jnp.float32),
                               jnp.asarray(sampling.top_k, jnp.int32), jnp.asarray(sampling.top_p, jnp.float32))
     next_logits, cache = prefill(params, config, prompt_tokens, prompt_mask,
-                                 cache_len=prompt_tokens.shape[1] + max_new_tokens)
+                                 cache_len=prompt_tokens.shape[1] + max_new_tokens, group_size=group_size)
     output, _ = decode(params, config, cache, next_logits, rng, sampling,
                        jnp.atleast_1d(jnp.asarray(eos_ids, jnp.int32)), jnp.asarray(pad_id, jnp.int32),
                        max_new_tokens=max_new_tokens)

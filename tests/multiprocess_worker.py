@@ -98,9 +98,11 @@ def run_rl(mesh: jax.sharding.Mesh, num_steps: int = NUM_STEPS) -> dict:
     # The KL reference: host arrays every process holds whole (as if each had read a checkpoint).
     ref_params = mesh_lib.host_to_global(multihost_utils.process_allgather(state["params"], tiled=True),
                                          shardings["params"])
-    update = mesh_lib.shard_rl_update(rl.make_update(MODEL, grpo_cfg, spec, settings, optimizer), mesh,
+    # As the RL stage runs: each group's prompt is prefilled, and scored in the update, once.
+    update = mesh_lib.shard_rl_update(rl.make_update(MODEL, grpo_cfg, spec, settings, optimizer,
+                                                     prompt_len=PROMPT_LEN, share_prompts=True), mesh,
                                       shardings["params"], shardings["opt_state"], reference=True)
-    generate = mesh_lib.shard_sampler(mesh, shardings["params"], MODEL, max_new_tokens=NEW_TOKENS)
+    generate = mesh_lib.shard_sampler(mesh, shardings["params"], MODEL, max_new_tokens=NEW_TOKENS, group_size=GROUP)
     mine = mesh_lib.process_batch_slice(mesh, NUM_ROWS)
     for step in range(num_steps):
         prompt_tokens, prompt_mask = prompts(step)

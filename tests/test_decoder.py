@@ -155,6 +155,35 @@ def test_token_log_probs_from_a_position_skip_the_earlier_ones_only(params):
 
 
 @pytest.mark.parametrize("scan_unroll", [1, CONFIG.num_layers])
+def test_shared_prompts_score_like_whole_rows(params, scan_unroll):
+    """`group_size`: each group's prompt block runs once, under the group's completions; log-probs, entropies
+    and gradients equal scoring every row whole (left-padded prompts, completions of different lengths)."""
+    group, prompt_len = 3, 5
+    config = dataclasses.replace(CONFIG, scan_unroll=scan_unroll)
+    prompt_mask = np.arange(prompt_len)[None, :] >= np.array([[2], [0]])
+    completion_mask = np.arange(LENGTH - prompt_len)[None, :] < np.array([[7], [3], [1], [5], [7], [2]])
+    tokens = np.concatenate([np.repeat(random_tokens(11, (2, prompt_len)), group, axis=0),
+                             random_tokens(12, (2 * group, LENGTH - prompt_len))], axis=1)
+    mask = np.concatenate([np.repeat(prompt_mask, group, axis=0), completion_mask], axis=1)
+    weights = np.random.default_rng(13).normal(size=tokens.shape).astype(np.float32)
+
+    def loss(params, group_size):
+        logp, entropy = decoder.token_log_probs_and_entropy(params, config, tokens, mask, targets_from=prompt_len,
+                                                            group_size=group_size)
+        return jnp.sum(weights * (logp + 0.1 * entropy)), (logp, entropy)
+
+    grad = jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)
+    (whole_grads, whole), (shared_grads, shared) = grad(params, 1), grad(params, group)
+    for got, want in zip(shared, whole):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    assert np.count_nonzero(np.asarray(whole[0])) == completion_mask.sum()  # every real completion token
+    for a, b in zip(jax.tree_util.tree_leaves(shared_grads), jax.tree_util.tree_leaves(whole_grads)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    with pytest.raises(ValueError, match="group_size = 4"):
+        decoder.token_log_probs(params, config, tokens, mask, targets_from=prompt_len, group_size=4)
+
+
+@pytest.mark.parametrize("scan_unroll", [1, CONFIG.num_layers])
 def test_prefill_then_single_steps_match_full_forward(params, scan_unroll):
     tokens = random_tokens(6, (2, LENGTH))
     mask = np.ones_like(tokens, dtype=bool)

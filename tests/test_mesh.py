@@ -314,7 +314,9 @@ def test_checkpoint_moves_between_eight_devices_and_one(tmp_path, one_device):
 # Sampler, per-process input, distributed start-up
 # --------------------------------------------------------------------------------------------------
 
-def test_sharded_sampler_matches_generate(one_device):
+@pytest.mark.parametrize("group_size", [1, worker.GROUP])
+def test_sharded_sampler_matches_generate(one_device, group_size):
+    """Also with each group's prompt prefilled once: the rows of a group span two shards here."""
     mesh = mesh_of((2, 2, 2))
     params = one_device["state"]["params"]
     shardings = mesh_lib.param_shardings(mesh, params, decoder.param_logical_axes(MODEL))
@@ -323,7 +325,8 @@ def test_sharded_sampler_matches_generate(one_device):
     rng = jax.random.PRNGKey(7)
     expected = sampling.generate(params, MODEL, prompt_tokens, prompt_mask, rng, max_new_tokens=worker.NEW_TOKENS,
                                  eos_ids=worker.EOS, pad_id=worker.PAD, sampling=knobs)
-    generate = mesh_lib.shard_sampler(mesh, shardings, MODEL, max_new_tokens=worker.NEW_TOKENS)
+    generate = mesh_lib.shard_sampler(mesh, shardings, MODEL, max_new_tokens=worker.NEW_TOKENS,
+                                      group_size=group_size)
     prompts = jax.device_put((prompt_tokens, prompt_mask), mesh_lib.batch_sharding(mesh))
     out = generate(jax.device_put(params, shardings), *prompts, rng, knobs, worker.EOS, worker.PAD)
     np.testing.assert_array_equal(out.tokens, expected.tokens)

@@ -52,12 +52,12 @@ def greedy_by_recompute(model, prompts):
     return sequence[:, PROMPT_LEN:]
 
 
-def generate(model, prompts, rng=0, eos=NEVER, **knobs):
+def generate(model, prompts, rng=0, eos=NEVER, group_size=1, **knobs):
     config, params = model
     tokens, mask = prompts
     return sampling.generate(params, config, jnp.asarray(tokens), mask, jax.random.key(rng),
                              max_new_tokens=NEW_TOKENS, eos_ids=eos, pad_id=PAD,
-                             sampling=sampling.SamplingParams(**knobs))
+                             sampling=sampling.SamplingParams(**knobs), group_size=group_size)
 
 
 @pytest.mark.parametrize("unrolled", [False, True], ids=["scanned", "unrolled"])
@@ -117,6 +117,25 @@ def test_new_rng_or_knobs_do_not_recompile(model, prompts):
     generate(model, prompts, rng=5, temperature=0.7, top_k=5, top_p=0.9, eos=3)
     generate(model, prompts, rng=6, temperature=0.0)
     assert (sampling.prefill._cache_size(), sampling.decode._cache_size()) == sizes
+
+
+def test_groups_of_one_prompt_are_prefilled_once_and_sample_as_whole_rows(model, prompts, greedy_by_recompute):
+    """`group_size`: GRPO's G rows per prompt share one prefill; greedy rows follow the recomputed reference,
+    sampled ones equal sampling the repeated rows one by one, and groups that differ are refused."""
+    tokens, mask = prompts
+    rows = np.repeat(tokens, 2, axis=0), np.repeat(mask, 2, axis=0)
+    greedy = generate(model, rows, temperature=0.0, group_size=2)
+    np.testing.assert_array_equal(greedy.tokens, np.repeat(greedy_by_recompute, 2, axis=0))
+    shared, whole = (generate(model, rows, rng=7, group_size=g) for g in (2, 1))
+    np.testing.assert_array_equal(shared.tokens, whole.tokens)
+    np.testing.assert_allclose(shared.log_probs, whole.log_probs, atol=1e-5)
+    assert not np.array_equal(shared.tokens[0], shared.tokens[1])  # one prompt, two different samples
+    other = rows[0].copy()
+    other[3, -1] += 1
+    with pytest.raises(ValueError, match=r"groups \[1\] \(rows from 2\) are not identical"):
+        generate(model, (other, rows[1]), group_size=2)
+    with pytest.raises(ValueError, match="group_size 4 does not divide the 6"):
+        generate(model, rows, group_size=4)
 
 
 def test_right_padded_prompts_are_refused(model, prompts):

@@ -6,7 +6,7 @@
 A step is: sample G completions of each prompt, decode them, score them on the host, compute group
 advantages, and take one AdamW step on the clipped policy loss. Ours is the path of `train/rl.py`
 (`sampling.generate` → `rollout.assemble` → `spec.encode_rollouts` → the jitted `make_update`, with
-outcome credit, i.e. plain GRPO); TRL's is `GRPOTrainer.train()` on the same weights (exported through
+outcome credit, i.e. plain GRPO, and each group's prompt prefilled and scored once); TRL's is `GRPOTrainer.train()` on the same weights (exported through
 `models/hf.py`), the same tokenizer and prompts, and the same reward function. Option values are set
 identically on both sides (TRL's names): β = 0, μ = 1, ε = 0.2 both ways, loss_type `dapo`,
 group-scaled rewards, truncated completions kept, temperature 1, top-k 50, top-p 0.95, learning rate
@@ -87,8 +87,10 @@ def grpo_options(group: int, completion_len: int) -> ml_collections.ConfigDict:
 
 def our_grpo_step(params: decoder.Params, config: decoder.DecoderConfig, tokenizer, prompts: Sequence[str], *,
                   num_prompts: int, group: int, completion_len: int, prompt_len: int,
-                  phases: dict[str, list[float]] | None = None) -> Callable[[], dict]:
+                  phases: dict[str, list[float]] | None = None, share_prompts: bool = True) -> Callable[[], dict]:
     """A closure taking one whole GRPO step on its own copy of the params, prompts in order, per call.
+
+    `share_prompts=False` runs every row's prompt in full, as TRL does (for A/B tests of the sharing).
 
     With `phases`, each call appends the seconds it spent sampling, on the host (decode, reward,
     layout, graph encoding) and updating to `phases["sample"]`, `["host"]` and `["update"]`.
@@ -97,9 +99,10 @@ def our_grpo_step(params: decoder.Params, config: decoder.DecoderConfig, tokeniz
     settings = credit_lib.CreditSettings(variant="outcome")
     optimizer = state_lib.make_optimizer(ml_collections.ConfigDict(
         dict(learning_rate=LEARNING_RATE, grad_clip=1.0, b1=0.9, b2=0.999, weight_decay=0.0)), num_steps=1)
-    # As the RL stage does: log-probs of the completions only (TRL's GRPOTrainer keeps those logits only, too).
+    # As the RL stage does: log-probs of the completions only (TRL's GRPOTrainer keeps those logits only, too),
+    # and each group's prompt run once, in the sampler's prefill and in the update (TRL repeats it G times).
     update = rl.make_update(config, grpo_options(group, completion_len), spec, settings, optimizer,
-                            prompt_len=prompt_len)
+                            prompt_len=prompt_len, share_prompts=share_prompts)
     state = state_lib.create_state(jax.tree_util.tree_map(jnp.copy, params), optimizer, jax.random.key(0))
     phi = jnp.asarray(spec.phi_init, jnp.float32)
     tokens, mask = tokenization.encode_batch(tokenizer, prompts, prompt_len)
@@ -114,7 +117,7 @@ def our_grpo_step(params: decoder.Params, config: decoder.DecoderConfig, tokeniz
         out = jax.device_get(sampling.generate(state["params"], config, jnp.asarray(tokens[rows]),
                                                jnp.asarray(mask[rows]), sample_rng, max_new_tokens=completion_len,
                                                eos_ids=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                                               sampling=KNOBS))
+                                               sampling=KNOBS, group_size=group if share_prompts else 1))
         marks.append(time.perf_counter())
         batch = rollout.assemble(task, pieces, rows, tokens[rows], mask[rows], out.tokens, out.lengths,
                                  out.truncated)

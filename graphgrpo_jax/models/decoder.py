@@ -395,14 +395,15 @@ def forward(params: Params, config: DecoderConfig, tokens: jax.Array, attention_
 
 
 def token_log_probs(params: Params, config: DecoderConfig, tokens: jax.Array,
-                    attention_mask: jax.Array, *, targets_from: int = 1) -> jax.Array:
+                    attention_mask: jax.Array, *, targets_from: int = 1, group_size: int = 1) -> jax.Array:
     """log p(tokens[:, t] | tokens[:, <t]) as [B, T] fp32.
 
     Zero where there is no context to condition on: position 0, padding, and a row's first real token
     (under left padding the token before it is padding); and before `targets_from` (see
-    `token_log_probs_and_entropy`).
+    `token_log_probs_and_entropy`, also for `group_size`).
     """
-    return token_log_probs_and_entropy(params, config, tokens, attention_mask, targets_from=targets_from)[0]
+    return token_log_probs_and_entropy(params, config, tokens, attention_mask, targets_from=targets_from,
+                                       group_size=group_size)[0]
 
 
 # Most fp32 logits `token_log_probs_and_entropy` holds at once (256 MB); larger [B, T, V] blocks are scored
@@ -412,13 +413,18 @@ LOGITS_BUDGET = 2 ** 26
 
 def token_log_probs_and_entropy(params: Params, config: DecoderConfig, tokens: jax.Array,
                                 attention_mask: jax.Array, *, logits_budget: int = LOGITS_BUDGET,
-                                targets_from: int = 1) -> tuple[jax.Array, jax.Array]:
+                                targets_from: int = 1, group_size: int = 1) -> tuple[jax.Array, jax.Array]:
     """`token_log_probs` and the entropy of the distribution each token was drawn from, both [B, T].
 
     One forward pass for both (the RL loss logs the policy's entropy); under jit an unused entropy costs
     nothing. Only the tokens at positions `targets_from` and later are scored; the others get 0 and the
     LM head never sees their positions (TRL's `logits_to_keep`: the RL loss reads completions only, so
     the prompt's [B, P, V] logits, their softmax and its gradient would be wasted work).
+
+    `group_size` > 1 says that rows come in consecutive groups of that size whose first `targets_from`
+    tokens (the prompt block) are identical, as GRPO's rollouts do: each group's prompt then runs once,
+    and its keys and values are shared by the group's completions (`_shared_prompt_hidden`). The result
+    is the same up to float rounding; the caller guarantees the grouping, which is not checked here.
 
     When the [B, T, V] logits exceed `logits_budget` elements (a 150k vocabulary at 32 × 512 is 10 GB per
     copy), positions are scored `logits_budget // (B · V)` at a time under `jax.checkpoint`, so memory
@@ -427,9 +433,15 @@ def token_log_probs_and_entropy(params: Params, config: DecoderConfig, tokens: j
     if not 1 <= targets_from < tokens.shape[1]:
         raise ValueError(f"targets_from = {targets_from}: must be in [1, {tokens.shape[1]}) for {tokens.shape[1]} "
                          f"tokens per row")
+    if group_size < 1 or tokens.shape[0] % group_size:
+        raise ValueError(f"group_size = {group_size}: must be >= 1 and divide the {tokens.shape[0]} rows")
     module = Decoder(config)
-    hidden, _ = module.apply({"params": params}, tokens, attention_mask)
-    hidden, targets = hidden[:, targets_from - 1:-1], tokens[:, targets_from:]
+    if group_size > 1:
+        hidden = module.apply({"params": params}, tokens, attention_mask, targets_from, group_size,
+                              method=_shared_prompt_hidden)
+    else:
+        hidden = module.apply({"params": params}, tokens, attention_mask)[0][:, targets_from - 1:-1]
+    targets = tokens[:, targets_from:]
 
     def score(hidden: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
         logits = module.apply({"params": params}, hidden, method="logits")
@@ -454,17 +466,50 @@ def token_log_probs_and_entropy(params: Params, config: DecoderConfig, tokens: j
     return pad(logp), pad(entropy)
 
 
-def init_cache(config: DecoderConfig, batch_size: int, max_len: int) -> KVCache:
-    """An empty cache with room for `max_len` tokens per row (prompt padding included)."""
+def _shared_prompt_hidden(module: Decoder, tokens: jax.Array, attention_mask: jax.Array, prompt_len: int,
+                          group_size: int) -> jax.Array:
+    """Final hidden states [N, T - P, D] at positions P - 1 ... T - 2 (those that predict tokens P ... T - 1)
+    of rows grouped `group_size` at a time around a shared prompt block [:, :P].
+
+    The prompt of each group runs once into a KV cache, the cache's rows are repeated for the group, and
+    the completions run on top of it: prefill, then one extension of T - P tokens, the sampler's own path.
+    Gradients reach the prompt through the cached keys and values (summed over the group by the repeat's
+    transpose). The cache is the stacked one, the layer scan's carry: the backward pass keeps each layer's
+    keys and values, not a copy of the stack per layer.
+    """
+    rows, length = tokens.shape
+    prompts, prompt_mask = tokens[::group_size, :prompt_len], attention_mask[::group_size, :prompt_len]
+    cache = init_cache(module.config, rows // group_size, length, per_layer=False)
+    prompt_hidden, cache = module(prompts, prompt_mask, cache)
+    completion_hidden, _ = module(tokens[:, prompt_len:], attention_mask[:, prompt_len:],
+                                  repeat_cache_rows(cache, group_size))
+    last_prompt = jnp.repeat(prompt_hidden[:, -1:], group_size, axis=0)
+    return jnp.concatenate([last_prompt, completion_hidden[:, :-1]], axis=1)
+
+
+def init_cache(config: DecoderConfig, batch_size: int, max_len: int, *, per_layer: bool | None = None) -> KVCache:
+    """An empty cache with room for `max_len` tokens per row (prompt padding included).
+
+    One array per layer (`per_layer`, by default for an unrolled model: the decode loop's layout) or
+    stacked layers (the layer scan's carry)."""
     if max_len > config.max_seq_len:
         raise ValueError(f"cache length {max_len} exceeds model.max_seq_len={config.max_seq_len}")
     shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
-    if config.unrolled:
+    if config.unrolled if per_layer is None else per_layer:
         keys, values = (tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(config.num_layers)) for _ in "kv")
     else:
         keys, values = (jnp.zeros((config.num_layers, *shape), config.compute_dtype) for _ in "kv")
     return KVCache(keys=keys, values=values, valid=jnp.zeros((batch_size, max_len), bool),
                    end=jnp.zeros((), jnp.int32))
+
+
+def repeat_cache_rows(cache: KVCache, repeats: int) -> KVCache:
+    """Each row of `cache` repeated `repeats` times in place (row i becomes rows i·r ... i·r + r - 1), for
+    either layout: one prefilled prompt feeds a group of samples."""
+    batch_axis = 0 if isinstance(cache.keys, tuple) else 1  # per-layer [B, ...] or stacked [L, B, ...]
+    repeat = lambda x: jnp.repeat(x, repeats, axis=batch_axis)
+    keys, values = (jax.tree_util.tree_map(repeat, x) for x in (cache.keys, cache.values))
+    return KVCache(keys=keys, values=values, valid=jnp.repeat(cache.valid, repeats, axis=0), end=cache.end)
 
 
 def decoding_params(params: Params, config: DecoderConfig) -> Params:

@@ -275,44 +275,48 @@ def shard_rl_update(update: Callable, mesh: Mesh, params_shardings: PyTree, opt_
                    out_shardings=(params_shardings, opt_shardings, rep, rep), donate_argnums=(0, 1))
 
 
-def _check_left_padded(prompt_mask: jax.Array | np.ndarray) -> None:
-    """`sampling.generate`'s check, on this process's rows only (the others are not addressable)."""
-    local = ([np.asarray(s.data) for s in prompt_mask.addressable_shards] if isinstance(prompt_mask, jax.Array)
-             else [np.asarray(prompt_mask)])
-    for rows in local:
-        if not rows[:, -1].all():
-            raise ValueError("prompts must be left-padded and non-empty; some rows end in padding")
+def _check_prompts(prompt_tokens, prompt_mask, group_size: int) -> None:
+    """`sampling.check_prompts` on this process's rows only (the others are not addressable); groups are
+    checked within each shard that holds whole groups."""
+    if not isinstance(prompt_mask, jax.Array):
+        return sampling.check_prompts(prompt_tokens, prompt_mask, group_size)
+    for tokens, mask in zip(prompt_tokens.addressable_shards, prompt_mask.addressable_shards):
+        first = mask.index[0].start or 0
+        whole_groups = first % group_size == 0 and mask.data.shape[0] % group_size == 0
+        sampling.check_prompts(tokens.data, mask.data, group_size if whole_groups else 1, first_row=first)
 
 
-def _generate(model_config: decoder.DecoderConfig, max_new_tokens: int, params, prompt_tokens, prompt_mask, rng,
-              knobs, eos_ids, pad_id) -> sampling.SampleOutput:
+def _generate(model_config: decoder.DecoderConfig, max_new_tokens: int, group_size: int, params, prompt_tokens,
+              prompt_mask, rng, knobs, eos_ids, pad_id) -> sampling.SampleOutput:
     """Prefill and decode as one program (module-level, so every sampler of a shape shares its compilation)."""
     next_logits, cache = sampling.prefill(params, model_config, prompt_tokens, prompt_mask,
-                                          cache_len=prompt_tokens.shape[1] + max_new_tokens)
+                                          cache_len=prompt_tokens.shape[1] + max_new_tokens, group_size=group_size)
     output, _ = sampling.decode(params, model_config, cache, next_logits, rng, knobs, eos_ids, pad_id,
                                 max_new_tokens=max_new_tokens)
     return output
 
 
 def shard_sampler(mesh: Mesh, params_shardings: PyTree, model_config: decoder.DecoderConfig, *,
-                  max_new_tokens: int, rules: Rules = LOGICAL_RULES) -> Callable:
+                  max_new_tokens: int, rules: Rules = LOGICAL_RULES, group_size: int = 1) -> Callable:
     """A sharded `sampling.generate`: prefill and decode as one jitted program over the mesh.
 
     Returns `generate(params, prompt_tokens, prompt_mask, rng, knobs, eos_ids, pad_id) -> SampleOutput`
     for left-padded global prompt arrays [B, P]; rows (and the KV cache they fill) are split over the
-    batch axes, the params stay in their shardings, and the outputs come back split by rows. Samplers
-    built again for the same mesh, model and length reuse the compiled program.
+    batch axes, the params stay in their shardings, and the outputs come back split by rows. With
+    `group_size` G > 1 the rows come in groups of G identical prompts, each prefilled once (the RL stage's
+    rollouts). Samplers built again for the same mesh, model, length and group size reuse the compiled
+    program.
     """
     batch, rep = batch_sharding(mesh, rules), replicated(mesh)
-    jitted = jax.jit(_generate, static_argnums=(0, 1),
+    jitted = jax.jit(_generate, static_argnums=(0, 1, 2),
                      in_shardings=(params_shardings, batch, batch, rep, rep, rep, rep), out_shardings=batch)
 
     def run(params, prompt_tokens, prompt_mask, rng, knobs: sampling.SamplingParams, eos_ids, pad_id):
-        _check_left_padded(prompt_mask)
+        _check_prompts(prompt_tokens, prompt_mask, group_size)
         # Fixed dtypes, as in `sampling.generate`, so Python numbers and arrays share one compilation.
         knobs = sampling.SamplingParams(jnp.asarray(knobs.temperature, jnp.float32),
                                         jnp.asarray(knobs.top_k, jnp.int32), jnp.asarray(knobs.top_p, jnp.float32))
-        return jitted(model_config, max_new_tokens, params, prompt_tokens, prompt_mask, rng, knobs,
+        return jitted(model_config, max_new_tokens, group_size, params, prompt_tokens, prompt_mask, rng, knobs,
                       jnp.atleast_1d(jnp.asarray(eos_ids, jnp.int32)), jnp.asarray(pad_id, jnp.int32))
 
     return run

@@ -68,31 +68,40 @@ def restore_policy(config: ml_collections.ConfigDict, workdir: str, stage: str =
 
 @functools.lru_cache(maxsize=8)
 def _cached_update(model_config, grpo_json: str, spec, settings, optim_json: str, num_steps: int,
-                   controller_mode: str, prompt_len: int | None):
+                   controller_mode: str, prompt_len: int | None, share_prompts: bool):
     optim_cfg = ml_collections.ConfigDict(json.loads(optim_json))
     return make_update(model_config, ml_collections.ConfigDict(json.loads(grpo_json)), spec, settings,
-                       state_lib.make_optimizer(optim_cfg, num_steps), controller_mode, prompt_len=prompt_len)
+                       state_lib.make_optimizer(optim_cfg, num_steps), controller_mode, prompt_len=prompt_len,
+                       share_prompts=share_prompts)
 
 
 def make_update(model_config, grpo_cfg, spec, settings, optimizer, controller_mode: str = "fixed", *,
-                prompt_len: int | None = None):
+                prompt_len: int | None = None, share_prompts: bool = False):
     """Jitted μ-iteration update: returns new params/opt state, the φ-gradient for the controller and metrics.
 
     `prompt_len`: the width of the batch's prompt block (every row's completion starts there), so that
     log-probs are computed for completion tokens only (`decoder.token_log_probs_and_entropy`'s
     `targets_from`); None scores every position.
 
+    `share_prompts`: each group of `num_generations` consecutive rows has one prompt block (the rollout
+    layout), so the forward and backward passes run it once per group instead of once per row
+    (`decoder.token_log_probs_and_entropy`'s `group_size`; needs `prompt_len`). Same update, less work:
+    with prompts as long as completions and G = 8, 44% fewer tokens.
+
     The φ-gradient is what the controller descends: for `main_loss`, dLoss/dφ averaged over the μ
     iterations; for `alignment`, minus the gradient of the cross-fitted cosine between the graph-credit
     and the outcome-GRPO policy gradients (graph/controller.py), taken at the pre-update policy.
     """
     outcome_settings = dataclasses.replace(settings, variant="outcome")
+    if share_prompts and prompt_len is None:
+        raise ValueError("make_update(share_prompts=True) needs the prompt block's width, prompt_len")
     targets_from = 1 if prompt_len is None else prompt_len
+    group_size = grpo_cfg.num_generations if share_prompts else 1
 
     def log_probs(params, tokens, attention_mask):
         """(log-probs, entropies) `[N, L]` of the completion tokens, 0 on the prompt block."""
         return decoder.token_log_probs_and_entropy(params, model_config, tokens, attention_mask,
-                                                   targets_from=targets_from)
+                                                   targets_from=targets_from, group_size=group_size)
 
     def surrogate(params, phi, batch, graph, rows: slice, credit_settings):
         """The μ = 1 policy loss over `rows` (whole groups); its params-gradient is the policy gradient."""
@@ -188,11 +197,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     update = mesh_lib.shard_rl_update(
         _cached_update(model_config, grpo_cfg.to_json(sort_keys=True), spec, settings,
                        config.rl_optim.to_json(sort_keys=True), cfg.num_steps, ctrl_settings.mode,
-                       config.data.max_prompt_len),  # every prompt is padded to this width
+                       config.data.max_prompt_len, True),  # every prompt is padded to this width, G rows each
         layout.mesh, shardings["params"], shardings["opt_state"], reference=grpo_cfg.beta > 0,
         batch_shardings=layout.batch_sharding)
     generate = mesh_lib.shard_sampler(layout.mesh, shardings["params"], model_config,
-                                      max_new_tokens=config.data.max_response_len, rules=layout.rule_map)
+                                      max_new_tokens=config.data.max_response_len, rules=layout.rule_map,
+                                      group_size=group_size)
     task = TASKS[config.get("task", "relevance")](config, world, spec, workdir)
     pieces = rollout.TokenPieces(tokenizer)
     sample_cfg = sampling.SamplingParams(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
