@@ -16,6 +16,7 @@ The `rl` stage between them is the shared loop of `train/rl.py` with `config.tas
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -133,10 +134,11 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
     engine = SearchEngine.open(index_dir(workdir))
     model_config = decoder.DecoderConfig.from_config(config.model)
     queries = {split: world.split_queries(split)[:cfg.max_examples] for split in cfg.splits}
+    policy = functools.cache(lambda stage: rl.restore_policy(config, workdir, stage))  # each checkpoint read once
     # The r_rel judge (the SFT policy's tagging task, frozen), scored on every policy's rewrites.
     judge, tag_accuracies = None, {}
     if config.rewrite_sft.task_mix.get("tag", 0.0) > 0 and os.path.isdir(loop.checkpoint_dir(workdir, "sft")):
-        judge = rewrite_task.TagJudge(rl.restore_policy(config, workdir, "sft"), model_config, tokenizer,
+        judge = rewrite_task.TagJudge(policy("sft"), model_config, tokenizer,
                                       max_prompt_len=config.data.max_prompt_len,
                                       batch_size=config.rewrite.judge_batch_size)
         # Its accuracy on each split's labelled tag pairs (the world draws 3 tags per query).
@@ -155,7 +157,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
         results[f"gold/{split}"] = rewrite_eval.rewrite_metrics(world, engine, split_queries,
                                                                 [q.gold_rewrite for q in split_queries], cfg.k)
     for stage in cfg.policies:
-        params = rl.restore_policy(config, workdir, stage)
+        params = policy(stage)
         for split, split_queries in queries.items():
             rewrites = rewrite_eval.generate_rewrites(
                 params, model_config, tokenizer, [q.text for q in split_queries],
