@@ -6,9 +6,10 @@
 A step is: sample G completions of each prompt, decode them, score them on the host, compute group
 advantages, and take one AdamW step on the clipped policy loss. Ours is the path of `train/rl.py`
 (`sampling.generate` → `rollout.assemble` → `spec.encode_rollouts` → the jitted `make_update`, with
-outcome credit, i.e. plain GRPO, and each group's prompt prefilled and scored once); TRL's is `GRPOTrainer.train()` on the same weights (exported through
-`models/hf.py`), the same tokenizer and prompts, and the same reward function. Option values are set
-identically on both sides (TRL's names): β = 0, μ = 1, ε = 0.2 both ways, loss_type `dapo`,
+outcome credit, i.e. plain GRPO, and each group's prompt prefilled and scored once); TRL's is
+`GRPOTrainer.train()` on the same weights (exported through `models/hf.py`), the same tokenizer and
+prompts, and the same reward function. Option values are set identically on both sides (TRL's names):
+β = 0, μ = 1, ε = 0.2 both ways, loss_type `dapo`,
 group-scaled rewards, truncated completions kept, temperature 1, top-k 50, top-p 0.95, learning rate
 1e-5 with global-norm clipping at 1. Completions stop at EOS on both sides (random weights rarely emit it).
 
