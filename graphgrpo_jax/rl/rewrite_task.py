@@ -193,15 +193,20 @@ def student_grader(params, encoder_config, tokenizer, world, *, max_length: int,
 JUDGES = ("tagger", "rule", "student", "retrieval_rule")
 
 
+def tag_judge(config: ml_collections.ConfigDict, workdir: str, params: decoder.Params) -> TagJudge:
+    """The tagging task of `params` as a judge, its prompts as wide as a query plus a rewrite can be: the r_rel
+    judge of RL, and the one `rewrite_eval` scores."""
+    return TagJudge(params, decoder.DecoderConfig.from_config(config.model), prepare.load_tokenizer(config, workdir),
+                    max_prompt_len=config.data.max_prompt_len + config.data.max_response_len,
+                    batch_size=config.rewrite.judge_batch_size)
+
+
 def make_judge(config: ml_collections.ConfigDict, world, workdir: str, engine: Retriever,
                load_sft_params: Callable[[], decoder.Params]) -> rewards_lib.Judge:
     """The r_rel judge `config.rewrite.judge` names; the tagger reads the SFT policy from `load_sft_params()`."""
     cfg = config.rewrite
     if cfg.judge == "tagger":
-        return TagJudge(load_sft_params(), decoder.DecoderConfig.from_config(config.model),
-                        prepare.load_tokenizer(config, workdir),
-                        max_prompt_len=config.data.max_prompt_len + config.data.max_response_len,
-                        batch_size=cfg.judge_batch_size)
+        return tag_judge(config, workdir, load_sft_params())
     if cfg.judge == "rule":
         return RuleJudge(world)
     if cfg.judge == "retrieval_rule":

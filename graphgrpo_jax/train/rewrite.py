@@ -138,9 +138,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # The r_rel judge (the SFT policy's tagging task, frozen), scored on every policy's rewrites.
     judge, tag_accuracies = None, {}
     if config.rewrite_sft.task_mix.get("tag", 0.0) > 0 and os.path.isdir(loop.checkpoint_dir(workdir, "sft")):
-        judge = rewrite_task.TagJudge(policy("sft"), model_config, tokenizer,
-                                      max_prompt_len=config.data.max_prompt_len,
-                                      batch_size=config.rewrite.judge_batch_size)
+        judge = rewrite_task.tag_judge(config, workdir, policy("sft"))
         # Its accuracy on each split's labelled tag pairs (the world draws 3 tags per query).
         tag_accuracies = {split: rewrite_eval.tag_accuracy(judge, world.split_rewrite_tags(split)[:3 * len(qs)])
                           for split, qs in queries.items()}
