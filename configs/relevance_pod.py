@@ -79,7 +79,8 @@ def get_config(variant: str = "gpu8") -> ml_collections.ConfigDict:
     config.grpo.max_completion_length = config.data.max_response_len
 
     # Fine-tuning a pretrained model: small learning rates, a longer SFT.
-    config.optim.update(learning_rate=1e-5, warmup_steps=50, schedule="cosine", batch_size=setup["sft_batch"])
+    config.optim.update(learning_rate=1e-5, warmup_steps=50, schedule="cosine", batch_size=setup["sft_batch"],
+                        microbatches=1)
     config.sft.update(num_steps=1000, log_every=10)
     config.rl.update(num_steps=300, prompts_per_step=setup["rl_prompts"], log_every=1)
     config.rl_optim.update(learning_rate=1e-6, warmup_steps=10)

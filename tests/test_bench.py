@@ -72,8 +72,10 @@ def test_sampling_ours_runs():
 
 
 def test_train_step_ours_runs():
-    rows, notes = bench_train_step.run("tiny", batch_size=2, length=8, matmul_n=64, reps=1, peers=False)
-    assert [row[0] for row in rows] == ["train step, ours (jax)", "matmul 64³ fp32, jax"]
+    rows, notes = bench_train_step.run("tiny", batch_size=2, length=8, matmul_n=64, reps=1, peers=False,
+                                       microbatches=(1, 2))
+    assert [row[0] for row in rows] == ["train step, ours (jax)", "train step, ours, 2 microbatches (jax)",
+                                        "matmul 64³ fp32, jax"]
     assert float(rows[0][4]) > 0 and "0.0 GFLOP per step" in notes[0]  # 0.014 GFLOP
 
 
@@ -101,7 +103,7 @@ def test_peer_generate_decodes_the_same_greedy_tokens(tmp_path):
 def test_peer_train_step_starts_from_the_same_loss(tmp_path):
     config, params = common.policy("tiny")
     batch = bench_train_step.sft_batch(2, 8, config.vocab_size)
-    ours, our_losses = bench_train_step.our_step(params, config, batch)
+    ours, our_losses = bench_train_step.our_step(params, config, batch, microbatches=2)
     theirs, their_losses = bench_train_step.torch_step(common.torch_twin(params, config, tmp_path), batch)
     for _ in range(2):
         ours(), theirs()

@@ -268,6 +268,19 @@ def test_sft_step_matches_one_device(sharded, one_device):
     assert moved > 100 * TOLERANCE, "the step must move the params for the comparison to mean anything"
 
 
+def test_microbatched_sft_step_on_a_mesh_matches_one_device(parts, one_device):
+    """Two slices of 4 rows, each split over the data axis: the one-device, one-pass step's numbers."""
+    mesh = mesh_of((2, 2, 2))
+    state, shardings = mesh_lib.sharded_init(worker.init_state, mesh, decoder.param_logical_axes(MODEL))
+    spec, _, _, _, optimizer = worker.rl_parts()
+    step = sft.make_train_step(MODEL, optimizer, label_node=spec.root, num_nodes=spec.num_nodes, p_mask=0.3,
+                               mask_unit="token", microbatches=2)
+    sft_state, metrics = mesh_lib.shard_step(step, mesh, shardings)(state, parts["sft_batch"])
+    for key in ("sft/loss", "sft/grad_norm", "sft/supervised_tokens"):
+        assert abs(float(metrics[key]) - float(one_device["sft_metrics"][key])) <= TOLERANCE, key
+    assert max_abs_diff(sft_state["params"], one_device["sft_state"]["params"]) <= TOLERANCE
+
+
 def test_grpo_update_matches_one_device(sharded, one_device):
     reference = one_device["rl_metrics"]
     assert abs(float(sharded["rl_metrics"]["loss"]) - float(reference["loss"])) <= TOLERANCE

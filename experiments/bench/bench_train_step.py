@@ -1,10 +1,11 @@
 """Training step: our jitted SFT step vs a PyTorch forward + backward + AdamW of the same HF model.
 
     python experiments/bench/bench_train_step.py                   # small preset, batch 16 x 128
-    python experiments/bench/bench_train_step.py --batch 32 --reps 7
+    python experiments/bench/bench_train_step.py --batch 32 --reps 7 --microbatches 1 2 4 8
 
 Ours is `train/sft.make_train_step` (mean next-token NLL, global-norm clipping at 1, AdamW b2 0.95, no
-weight decay), jitted with the state donated. Theirs is the loop a PyTorch user writes around the same
+weight decay), jitted with the state donated; by default it is timed twice, in one pass over the batch
+and in 4 microbatches of rows (`--microbatches`, gradient accumulation: the same update). Theirs is the loop a PyTorch user writes around the same
 weights loaded as `Qwen2ForCausalLM` (exported with `models/hf.py`): `model(ids, labels=ids).loss`,
 `backward()`, `clip_grad_norm_(1.0)`, `torch.optim.AdamW` with the same settings. Both see one fixed
 batch of random tokens, alternate, and report medians over `--reps`; the first losses must agree (same
@@ -43,12 +44,13 @@ def sft_batch(batch: int, length: int, vocab_size: int, seed: int = 0) -> dict[s
             "node_ids": np.full((batch, length), -1, np.int32)}
 
 
-def our_step(params: decoder.Params, config: decoder.DecoderConfig, batch: dict[str, np.ndarray]
-             ) -> tuple[Callable[[], jax.Array], list[float]]:
-    """A closure running one jitted SFT step on its own copy of the params; records each loss."""
+def our_step(params: decoder.Params, config: decoder.DecoderConfig, batch: dict[str, np.ndarray],
+             microbatches: int = 1) -> tuple[Callable[[], jax.Array], list[float]]:
+    """A closure running one jitted SFT step on its own copy of the params; records each loss.
+    `microbatches` > 1: the same update over slices of the batch's rows (gradient accumulation)."""
     optimizer = state_lib.make_optimizer(OPTIM, num_steps=1)
     step = jax.jit(sft.make_train_step(config, optimizer, label_node=0, num_nodes=1, p_mask=0.0,
-                                       mask_unit="token"), donate_argnums=0)
+                                       mask_unit="token", microbatches=microbatches), donate_argnums=0)
     state = {"value": state_lib.create_state(jax.tree_util.tree_map(jnp.copy, params), optimizer,
                                              jax.random.key(0))}
     batch = jax.device_put(batch)
@@ -80,12 +82,18 @@ def torch_step(model, batch: dict[str, np.ndarray]) -> tuple[Callable[[], None],
     return run, losses
 
 
-def run(preset: str, batch_size: int, length: int, matmul_n: int, reps: int, peers: bool
-        ) -> tuple[list[list[str]], list[str]]:
+def _side_name(microbatches: int) -> str:
+    return "ours" if microbatches == 1 else f"ours, {microbatches} microbatches"
+
+
+def run(preset: str, batch_size: int, length: int, matmul_n: int, reps: int, peers: bool,
+        microbatches: Sequence[int] = (1,)) -> tuple[list[list[str]], list[str]]:
+    """Table rows and notes; one "ours" side per entry of `microbatches` (1: the whole batch in one pass)."""
     config, params = common.policy(preset)
     batch = sft_batch(batch_size, length, config.vocab_size)
-    ours, our_losses = our_step(params, config, batch)
-    sides = {"ours": ours}
+    sides, our_losses = {}, {}
+    for slices in microbatches:
+        sides[_side_name(slices)], our_losses[slices] = our_step(params, config, batch, slices)
     if peers:
         import torch
         torch.manual_seed(0)
@@ -99,7 +107,7 @@ def run(preset: str, batch_size: int, length: int, matmul_n: int, reps: int, pee
 
     rows = []
     for side, t in timing.items():
-        framework = "jax" if side == "ours" else "torch"
+        framework = "torch" if side == "torch" else "jax"
         achieved = flops / t.median_s
         rows.append([f"train step, {side} ({framework})", f"{t.first_s:.1f}", f"{t.median_s:.3f}",
                      f"{batch_size * length / t.median_s:,.0f}", f"{achieved / 1e9:.1f}",
@@ -110,11 +118,12 @@ def run(preset: str, batch_size: int, length: int, matmul_n: int, reps: int, pee
     notes = [f"{preset} preset, batch {batch_size} × {length}, fp32, {flops / 1e9:.1f} GFLOP per step (6N + "
              f"attention); medians of {reps}, sides alternating."]
     if peers:
-        notes.insert(0, f"**ours vs torch: {common.ratio(timing['ours'].median_s, timing['torch'].median_s)}** "
-                        f"(torch median / our median).")
-        first = float(our_losses[0]), their_losses[0]
-        notes.append(f"Same work: first-step loss {first[0]:.6f} (ours) vs {first[1]:.6f} (torch), "
-                     f"last {float(our_losses[-1]):.6f} vs {their_losses[-1]:.6f}.")
+        ratios = ", ".join(f"{side} {common.ratio(timing[side].median_s, timing['torch'].median_s)}"
+                           for side in timing if side != "torch")
+        notes.insert(0, f"**ours vs torch: {ratios}** (torch median / our median).")
+        for slices, losses in our_losses.items():
+            notes.append(f"Same work ({_side_name(slices)}): first-step loss {float(losses[0]):.6f} vs "
+                         f"{their_losses[0]:.6f} (torch), last {float(losses[-1]):.6f} vs {their_losses[-1]:.6f}.")
     return rows, notes
 
 
@@ -128,11 +137,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--matmul_n", type=int, default=4096)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--microbatches", type=int, nargs="+", default=[1, 4],
+                        help="our step once per value: the batch in that many slices of rows (1: one pass)")
     parser.add_argument("--no_peers", action="store_true", help="time our step only")
     parser.add_argument("--no_save", action="store_true", help="print only; do not append to results/")
     args = parser.parse_args(argv)
     peers = common.peers_available() and not args.no_peers
-    rows, notes = run(args.preset, args.batch, args.length, args.matmul_n, args.reps, peers)
+    rows, notes = run(args.preset, args.batch, args.length, args.matmul_n, args.reps, peers, args.microbatches)
     common.report("train_step", "python experiments/bench/bench_train_step.py " + " ".join(sys.argv[1:]),
                   common.markdown_table(HEADER, rows), notes,
                   results_dir=None if args.no_save else common.RESULTS_DIR)

@@ -48,19 +48,19 @@ def cot_random_mask(rng: jax.Array, loss_mask: jax.Array, node_ids: jax.Array, *
     return loss_mask & ~(reasoning & drop)
 
 
-def sft_loss(params: Any, model_config: decoder.DecoderConfig, batch: dict, loss_mask: jax.Array
-             ) -> tuple[jax.Array, dict]:
-    """Mean negative log-likelihood over the tokens of `loss_mask`."""
+def summed_nll(params: Any, model_config: decoder.DecoderConfig, batch: dict) -> jax.Array:
+    """Negative log-likelihood summed over the tokens of `batch["weights"]` (float32 0/1)."""
     logp = decoder.token_log_probs(params, model_config, batch["tokens"], batch["attention_mask"])
-    weights = loss_mask.astype(jnp.float32)
-    num_tokens = jnp.maximum(weights.sum(), 1.0)
-    loss = -(logp * weights).sum() / num_tokens
-    return loss, {"sft/loss": loss, "sft/supervised_tokens": weights.sum()}
+    return -(logp * batch["weights"]).sum()
 
 
 def make_train_step(model_config: decoder.DecoderConfig, optimizer: optax.GradientTransformation, *,
-                    label_node: int, num_nodes: int, p_mask: float, mask_unit: str):
-    """A pure `step(state, batch) -> (state, metrics)`; jit it with the caller's shardings."""
+                    label_node: int, num_nodes: int, p_mask: float, mask_unit: str, microbatches: int = 1):
+    """A pure `step(state, batch) -> (state, metrics)`; jit it with the caller's shardings.
+
+    The loss is the mean NLL over the batch's supervised tokens; `microbatches` > 1 computes it in
+    slices of rows (`state.summed_value_and_grad`): the same update, a smaller working set.
+    """
 
     def step(state: dict, batch: dict) -> tuple[dict, dict]:
         rng, mask_rng = jax.random.split(state["rng"])
@@ -68,13 +68,17 @@ def make_train_step(model_config: decoder.DecoderConfig, optimizer: optax.Gradie
         if p_mask > 0:
             loss_mask = cot_random_mask(mask_rng, loss_mask, batch["node_ids"], label_node=label_node,
                                         num_nodes=num_nodes, p_mask=p_mask, unit=mask_unit)
-        (_, metrics), grads = jax.value_and_grad(sft_loss, has_aux=True)(
-            state["params"], model_config, batch, loss_mask)
+        weights = loss_mask.astype(jnp.float32)
+        num_tokens = jnp.maximum(weights.sum(), 1.0)
+        rows = {"tokens": batch["tokens"], "attention_mask": batch["attention_mask"], "weights": weights}
+        nll, grads = state_lib.summed_value_and_grad(lambda p, b: summed_nll(p, model_config, b),
+                                                     state["params"], rows, microbatches)
+        grads = jax.tree_util.tree_map(lambda g: g / num_tokens.astype(g.dtype), grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics["sft/grad_norm"] = optax.global_norm(grads)
-        metrics["sft/masked_share"] = 1.0 - metrics["sft/supervised_tokens"] / jnp.maximum(
-            batch["loss_mask"].sum(), 1)
+        metrics = {"sft/loss": nll / num_tokens, "sft/supervised_tokens": weights.sum(),
+                   "sft/grad_norm": optax.global_norm(grads),
+                   "sft/masked_share": 1.0 - weights.sum() / jnp.maximum(batch["loss_mask"].sum(), 1)}
         return {**state, "params": params, "opt_state": opt_state, "rng": rng}, metrics
 
     return step
@@ -128,7 +132,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str, data: dict[str, np.ndar
     model_config = decoder.DecoderConfig.from_config(config.model)
     optimizer = state_lib.make_optimizer(config.optim, num_steps)
     state, shardings = init_state(config, model_config, optimizer, layout)
-    step_fn = layout.step(make_train_step(model_config, optimizer, **mask_settings), shardings)
+    step_fn = layout.step(make_train_step(model_config, optimizer, microbatches=config.optim.get("microbatches", 1),
+                                          **mask_settings), shardings)
 
     def load(rows: np.ndarray) -> dict:
         return {k: data[k][rows].astype(bool if k.endswith("mask") else np.int32) for k in BATCH_KEYS}

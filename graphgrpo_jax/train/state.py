@@ -6,9 +6,11 @@ count lives in the checkpoint, not in the state, so resuming never depends on a 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -39,3 +41,31 @@ def create_state(params: Any, optimizer: optax.GradientTransformation, rng: jax.
     """The state, committed to the default device: uncommitted leaves (e.g. optax's step counters) would
     make the first jitted step compile once more when its outputs come back committed."""
     return jax.device_put({"params": params, "opt_state": optimizer.init(params), "rng": rng}, jax.devices()[0])
+
+
+def summed_value_and_grad(loss_fn: Callable[[Any, Any], jax.Array], params: Any, batch: Any,
+                          microbatches: int = 1) -> tuple[jax.Array, Any]:
+    """`jax.value_and_grad(loss_fn)(params, batch)` for a loss that is a *sum* over the batch's rows,
+    computed `microbatches` slices of rows at a time and added up (gradient accumulation).
+
+    Why: on CPU a smaller working set per forward/backward runs faster (the small preset's train step
+    is ~10% faster in 4 slices of 4 rows than in one of 16), and on accelerators it bounds activation
+    memory. Slice j takes rows j, j + n, j + 2n, ... (n = `microbatches`), so a batch sharded over
+    devices in contiguous row blocks keeps every device's rows on that device. Sums are accumulated in
+    float32 and the gradients returned in the params' dtypes. Every leaf of `batch` has the rows first.
+    """
+    if microbatches == 1:
+        return jax.value_and_grad(loss_fn)(params, batch)
+    rows = {x.shape[0] for x in jax.tree_util.tree_leaves(batch)}
+    if len(rows) != 1 or microbatches < 1 or next(iter(rows)) % microbatches:
+        raise ValueError(f"microbatches={microbatches} must be >= 1 and divide the batch's rows {sorted(rows)}")
+    slices = jax.tree_util.tree_map(
+        lambda x: jnp.swapaxes(x.reshape(-1, microbatches, *x.shape[1:]), 0, 1), batch)
+
+    def add(totals, micro):
+        value, grads = jax.value_and_grad(loss_fn)(params, micro)
+        return jax.tree_util.tree_map(lambda t, x: t + x.astype(jnp.float32), totals, (value, grads)), None
+
+    zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), (jnp.zeros(()), params))
+    (value, grads), _ = jax.lax.scan(add, zeros, slices)
+    return value, jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, params)
