@@ -509,8 +509,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return layout.load_batch(rows, examples.batch)
 
     state = loop.fit(state, layout.step(step_fn, shardings), batch_fn, num_steps=cfg.num_steps, workdir=workdir,
-                     stage=cfg.run_name, save_every=config.checkpoint.save_every, max_to_keep=config.checkpoint.max_to_keep,
-                     log_every=cfg.log_every, progress_keys=("distill/loss", "distill/accuracy"))
+                     stage=cfg.run_name, save_every=config.checkpoint.save_every,
+                     max_to_keep=config.checkpoint.max_to_keep, log_every=cfg.log_every,
+                     progress_keys=("distill/loss", "distill/accuracy"))
     report = evaluate(state["params"], config, encoder_config, tokenizer, world, teacher["test"], esci_data)
     if jax.process_index() == 0:
         path = os.path.join(workdir, cfg.run_name, "report.json")
