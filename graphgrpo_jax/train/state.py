@@ -50,9 +50,10 @@ def summed_value_and_grad(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
 
     Why: on CPU a smaller working set per forward/backward runs faster (the small preset's train step
     is ~10% faster in 4 slices of 4 rows than in one of 16), and on accelerators it bounds activation
-    memory. Slice j takes rows j, j + n, j + 2n, ... (n = `microbatches`), so a batch sharded over
-    devices in contiguous row blocks keeps every device's rows on that device. Sums are accumulated in
-    float32 and the gradients returned in the params' dtypes. Every leaf of `batch` has the rows first.
+    memory. Slice j takes rows j, j + n, j + 2n, ... (n = `microbatches`): for a batch sharded over
+    devices in contiguous row blocks whose size is a multiple of n, every slice is spread evenly over the
+    devices, and no row moves. Sums are accumulated in float32 and the gradients returned in the params'
+    dtypes. Every leaf of `batch` has the rows first.
     """
     if microbatches == 1:
         return jax.value_and_grad(loss_fn)(params, batch)
