@@ -83,7 +83,7 @@ def get_config(variant: str = "gpu8") -> ml_collections.ConfigDict:
                         microbatches=1)
     config.sft.update(num_steps=1000, log_every=10)
     config.rl.update(num_steps=300, prompts_per_step=setup["rl_prompts"], log_every=1)
-    config.rl_optim.update(learning_rate=1e-6, warmup_steps=10)
+    config.rl_optim.update(learning_rate=1e-6, warmup_steps=10, microbatches=1)
     config.eval.update(max_examples=2048, batch_size=setup["sft_batch"])
     config.checkpoint.update(save_every=100, max_to_keep=3)
     return config

@@ -85,8 +85,11 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
     config.grpo.max_completion_length = config.data.max_response_len
     config.rl = ml_collections.ConfigDict(dict(
         num_steps=60, prompts_per_step=8, temperature=1.0, top_k=0, top_p=1.0, log_every=1))
+    # microbatches: the update's forward and backward over slices of whole groups; the same update, less
+    # memory, and on this CPU a faster one (the bench's GRPO update, 64 rows: 2.00 s -> 1.51 s in 4 slices).
     config.rl_optim = ml_collections.ConfigDict(dict(
-        learning_rate=3e-4, warmup_steps=0, schedule="constant", grad_clip=1.0, weight_decay=0.0))
+        learning_rate=3e-4, warmup_steps=0, schedule="constant", grad_clip=1.0, weight_decay=0.0,
+        microbatches=4))
     config.rewrite = rewrite_task.default_rewrite_config()
 
     # The relevance student behind `rewrite.judge = "student"`: MiniLM-L6 with y/ms/ma heads, trained by the
@@ -102,6 +105,7 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
         config.world.update(num_queries=80, pairs_per_query=2)
         config.rewrite_sft.update(num_steps=6, log_every=2)
         config.rl.update(num_steps=2, prompts_per_step=2)
+        config.rl_optim.microbatches = 2
         config.grpo.num_generations = 4
         config.optim.batch_size = 8
         config.rewrite.judge_batch_size = 8
@@ -125,7 +129,7 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
         config.rewrite_sft.update(num_steps=2000, log_every=50)
         config.grpo.num_generations = 16
         config.rl.update(num_steps=500, prompts_per_step=16 if variant == "gpu" else 64)
-        config.rl_optim.learning_rate = 1e-6
+        config.rl_optim.update(learning_rate=1e-6, microbatches=1)
         config.rewrite.judge_batch_size = 128
         config.rewrite_eval.update(max_examples=1000, batch_size=128)
         config.checkpoint.update(save_every=200, max_to_keep=3)

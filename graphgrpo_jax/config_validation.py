@@ -98,6 +98,7 @@ RULES: list[Rule] = [
     Range("optim.learning_rate", low=0.0, low_inclusive=False),
     positive_int("optim.batch_size"),
     positive_int("optim.microbatches"),
+    positive_int("rl_optim.microbatches"),
     Range("train.num_steps", low=0, integer=True),
     Range("checkpoint.save_every", low=0, integer=True),
     positive_int("checkpoint.max_to_keep"),
@@ -110,9 +111,10 @@ def _cross_field_errors(config: ml_collections.ConfigDict) -> list[str]:
     kv_heads = get_field(config, "model.num_kv_heads", None)
     if isinstance(heads, int) and isinstance(kv_heads, int) and kv_heads > 0 and heads % kv_heads:
         errors.append(f"config.model.num_kv_heads = {kv_heads} must divide config.model.num_heads = {heads}")
-    batch, slices = get_field(config, "optim.batch_size", None), get_field(config, "optim.microbatches", None)
-    if isinstance(batch, int) and isinstance(slices, int) and slices > 0 and batch % slices:
-        errors.append(f"config.optim.microbatches = {slices} must divide config.optim.batch_size = {batch}")
+    for rows, slices in (("optim.batch_size", "optim.microbatches"), ("rl.prompts_per_step", "rl_optim.microbatches")):
+        count, parts = get_field(config, rows, None), get_field(config, slices, None)
+        if isinstance(count, int) and isinstance(parts, int) and parts > 0 and count % parts:
+            errors.append(f"config.{slices} = {parts} must divide config.{rows} = {count}")
     return errors
 
 

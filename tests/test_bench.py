@@ -81,8 +81,8 @@ def test_train_step_ours_runs():
 
 def test_grpo_step_ours_runs():
     rows, notes = bench_grpo_step.run("tiny", num_prompts=2, group=2, completion_len=4, prompt_len=32, reps=1,
-                                      peers=False)
-    assert [row[0] for row in rows] == ["ours"]
+                                      peers=False, microbatches=2)
+    assert [row[0] for row in rows] == ["ours"] and "our update in 2 slice(s)" in notes[0]
     # Rollouts/s = 4 rollouts / the median step, which the table rounds to 2 decimals (rollouts/s to 1).
     seconds, rollouts_per_s = float(rows[0][2]), float(rows[0][3])
     assert 4 / (seconds + 5e-3) - 0.05 <= rollouts_per_s <= 4 / max(seconds - 5e-3, 1e-9) + 0.05

@@ -53,10 +53,12 @@ def test_validation_lists_every_bad_field():
     config.model.num_kv_heads = 3
     config.checkpoint.max_to_keep = 0
     config.optim.batch_size, config.optim.microbatches = 8, 3
+    config.rl.prompts_per_step, config.rl_optim.microbatches = 8, 3
     with pytest.raises(config_validation.ConfigError) as err:
         config_validation.validate(config, stages=main.STAGES)
     assert "config.model.num_kv_heads = 3 must divide" in str(err.value)
     assert "config.optim.microbatches = 3 must divide config.optim.batch_size = 8" in str(err.value)
+    assert "config.rl_optim.microbatches = 3 must divide config.rl.prompts_per_step = 8" in str(err.value)
     assert "config.checkpoint.max_to_keep" in str(err.value)
 
 

@@ -281,6 +281,21 @@ def test_microbatched_sft_step_on_a_mesh_matches_one_device(parts, one_device):
     assert max_abs_diff(sft_state["params"], one_device["sft_state"]["params"]) <= TOLERANCE
 
 
+def test_microbatched_grpo_update_on_a_mesh_matches_one_device(parts, one_device):
+    """The update over two slices of rows (β > 0 and μ = 2: the reference and old log-probs too)."""
+    mesh = mesh_of((2, 2, 2))
+    state, shardings = mesh_lib.sharded_init(worker.init_state, mesh, decoder.param_logical_axes(MODEL))
+    ref_params = jax.device_put(one_device["state"]["params"], shardings["params"])
+    spec, settings, _, grpo_cfg, optimizer = worker.rl_parts()
+    update = mesh_lib.shard_rl_update(rl.make_update(MODEL, grpo_cfg, spec, settings, optimizer, microbatches=2),
+                                      mesh, shardings["params"], shardings["opt_state"], reference=True)
+    params, _, g_phi, metrics = update(*_rl_inputs(state, ref_params, parts))
+    for key in ("loss", "grad_norm", "kl"):
+        assert abs(float(metrics[key]) - float(one_device["rl_metrics"][key])) <= TOLERANCE, key
+    assert max_abs_diff(params, one_device["rl_params"]) <= TOLERANCE
+    assert max_abs_diff(g_phi, one_device["g_phi"]) <= TOLERANCE
+
+
 def test_grpo_update_matches_one_device(sharded, one_device):
     reference = one_device["rl_metrics"]
     assert abs(float(sharded["rl_metrics"]["loss"]) - float(reference["loss"])) <= TOLERANCE

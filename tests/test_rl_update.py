@@ -54,21 +54,30 @@ def _update(setup, mode, num_iterations, **update_kwargs):
     return update(copy, optimizer.init(copy), phi, batch, graph, None), cfg
 
 
-def test_main_loss_gradient_is_nonzero_with_two_iterations(setup):
-    (_, _, g_phi, metrics), _ = _update(setup, "main_loss", num_iterations=2)
+@pytest.fixture(scope="module")
+def main_loss_update(setup):
+    """The plain `main_loss` update with μ = 2, every row scored in full: the reference of the variants."""
+    return _update(setup, "main_loss", num_iterations=2)[0]
+
+
+def test_main_loss_gradient_is_nonzero_with_two_iterations(main_loss_update):
+    _, _, g_phi, metrics = main_loss_update
     assert np.all(np.isfinite(g_phi)) and np.linalg.norm(g_phi) > 0
     assert np.isfinite(float(metrics["loss"]))
 
 
 @pytest.mark.parametrize("scoring, params_atol", [(dict(prompt_len=P), 1e-6),
-                                                  (dict(prompt_len=P, share_prompts=True), 1e-4)],
-                         ids=["completions_only", "one_prompt_per_group"])
-def test_scoring_completions_only_changes_nothing(setup, scoring, params_atol):
-    """`prompt_len` skips the prompt block's logits, and `share_prompts` runs each group's prompt once; the
-    loss reads completions only, so the update is the same. (Sharing sums the group's prompt gradients in
-    another order; Adam's first steps, g / (|g| + eps), blow that rounding up on near-zero gradients, so
-    params get 1e-4 of a 1e-2 step; test_decoder checks the gradients themselves to 1e-5.)"""
-    (params, _, g_phi, metrics), _ = _update(setup, "main_loss", num_iterations=2)
+                                                  (dict(prompt_len=P, share_prompts=True), 1e-4),
+                                                  (dict(microbatches=2), 1e-4),
+                                                  (dict(prompt_len=P, share_prompts=True, microbatches=2), 1e-4)],
+                         ids=["completions_only", "one_prompt_per_group", "microbatches", "shared_microbatches"])
+def test_scoring_completions_only_changes_nothing(setup, main_loss_update, scoring, params_atol):
+    """`prompt_len` skips the prompt block's logits, `share_prompts` runs each group's prompt once, and
+    `microbatches` scores one group at a time (μ = 2, so the old log-probs too) and adds the slices' sums;
+    the update is the same. (Sharing and slicing sum gradients in another order; Adam's first steps,
+    g / (|g| + eps), blow that rounding up on near-zero gradients, so params get 1e-4 of a 1e-2 step;
+    test_decoder and test_sft check the gradients themselves.)"""
+    params, _, g_phi, metrics = main_loss_update
     (params_p, _, g_phi_p, metrics_p), _ = _update(setup, "main_loss", num_iterations=2, **scoring)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=params_atol), params, params_p)
     np.testing.assert_allclose(g_phi, g_phi_p, atol=1e-6)
@@ -77,6 +86,8 @@ def test_scoring_completions_only_changes_nothing(setup, scoring, params_atol):
         np.testing.assert_allclose(metrics_p[key], metrics[key], atol=1e-5, err_msg=key)
     with pytest.raises(ValueError, match="needs the prompt block's width"):
         _update(setup, "main_loss", num_iterations=2, share_prompts=True)
+    with pytest.raises(ValueError, match="microbatches=3 of blocks of 1 rows must divide the batch's rows"):
+        _update(setup, "main_loss", num_iterations=2, microbatches=3)
 
 
 def test_alignment_gradient_matches_finite_differences(setup):

@@ -119,5 +119,5 @@ def _named_leaves(tree) -> dict:
 
 
 def test_summed_value_and_grad_refuses_a_split_that_does_not_divide():
-    with pytest.raises(ValueError, match="microbatches=3 must be >= 1 and divide the batch's rows \\[8\\]"):
+    with pytest.raises(ValueError, match="microbatches=3 of blocks of 1 rows must divide the batch.s rows \\[8\\]"):
         state_lib.summed_value_and_grad(lambda p, b: (p * b).sum(), jnp.ones(()), jnp.ones((8, 2)), 3)

@@ -88,10 +88,12 @@ def grpo_options(group: int, completion_len: int) -> ml_collections.ConfigDict:
 
 def our_grpo_step(params: decoder.Params, config: decoder.DecoderConfig, tokenizer, prompts: Sequence[str], *,
                   num_prompts: int, group: int, completion_len: int, prompt_len: int,
-                  phases: dict[str, list[float]] | None = None, share_prompts: bool = True) -> Callable[[], dict]:
+                  phases: dict[str, list[float]] | None = None, share_prompts: bool = True,
+                  microbatches: int = 1) -> Callable[[], dict]:
     """A closure taking one whole GRPO step on its own copy of the params, prompts in order, per call.
 
-    `share_prompts=False` runs every row's prompt in full, as TRL does (for A/B tests of the sharing).
+    `share_prompts=False` runs every row's prompt in full, as TRL does (for A/B tests of the sharing);
+    `microbatches` > 1 runs the update's forward and backward over that many slices of whole groups.
 
     With `phases`, each call appends the seconds it spent sampling, on the host (decode, reward,
     layout, graph encoding) and updating to `phases["sample"]`, `["host"]` and `["update"]`.
@@ -103,7 +105,7 @@ def our_grpo_step(params: decoder.Params, config: decoder.DecoderConfig, tokeniz
     # As the RL stage does: log-probs of the completions only (TRL's GRPOTrainer keeps those logits only, too),
     # and each group's prompt run once, in the sampler's prefill and in the update (TRL repeats it G times).
     update = rl.make_update(config, grpo_options(group, completion_len), spec, settings, optimizer,
-                            prompt_len=prompt_len, share_prompts=share_prompts)
+                            prompt_len=prompt_len, share_prompts=share_prompts, microbatches=microbatches)
     state = state_lib.create_state(jax.tree_util.tree_map(jnp.copy, params), optimizer, jax.random.key(0))
     phi = jnp.asarray(spec.phi_init, jnp.float32)
     tokens, mask = tokenization.encode_batch(tokenizer, prompts, prompt_len)
@@ -187,7 +189,7 @@ def alternating_callback(ours: Callable[[], dict], times: dict[str, list[float]]
 
 
 def run(preset: str, num_prompts: int, group: int, completion_len: int, prompt_len: int, reps: int,
-        peers: bool) -> tuple[list[list[str]], list[str]]:
+        peers: bool, microbatches: int = 1) -> tuple[list[list[str]], list[str]]:
     config, params = common.policy(preset)
     folder = tempfile.mkdtemp(prefix="bench_grpo_")
     tokenizer, prompts = tokenizer_and_prompts(config.vocab_size, str(pathlib.Path(folder) / "tokenizer"),
@@ -195,7 +197,8 @@ def run(preset: str, num_prompts: int, group: int, completion_len: int, prompt_l
     prompts = prompts[:num_prompts * (reps + 1)]
     phases = {}
     ours = our_grpo_step(params, config, tokenizer, prompts, num_prompts=num_prompts, group=group,
-                         completion_len=completion_len, prompt_len=prompt_len, phases=phases)
+                         completion_len=completion_len, prompt_len=prompt_len, phases=phases,
+                         microbatches=microbatches)
     if peers:
         import torch
         torch.manual_seed(0)
@@ -212,7 +215,8 @@ def run(preset: str, num_prompts: int, group: int, completion_len: int, prompt_l
              f"{rollouts * completion_len / t.median_s:,.0f}"] for side, t in timing.items()]
     notes = [f"{preset} preset; {num_prompts} prompts × {group} generations, up to {completion_len} completion "
              f"tokens, prompts left-padded to {prompt_len} on our side (TRL pads to the batch's longest); "
-             f"β = 0, μ = 1; medians of {reps} steps after one warm-up step each, sides alternating.",
+             f"β = 0, μ = 1; our update in {microbatches} slice(s) of whole groups; medians of {reps} steps "
+             f"after one warm-up step each, sides alternating.",
              "Our step, median seconds by phase: " + ", ".join(
                  f"{name} {statistics.median(t[1:]):.2f}" for name, t in phases.items()) + "."]
     if peers:
@@ -228,12 +232,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_grpo_step_flags(parser)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--microbatches", type=int, default=1,
+                        help="our update's forward and backward over this many slices of whole groups")
     parser.add_argument("--no_peers", action="store_true", help="time our step only")
     parser.add_argument("--no_save", action="store_true", help="print only; do not append to results/")
     args = parser.parse_args(argv)
     peers = common.peers_available() and not args.no_peers
     rows, notes = run(args.preset, args.prompts, args.group, args.completion_len, args.prompt_len, args.reps,
-                      peers)
+                      peers, args.microbatches)
     common.report("grpo_step", "python experiments/bench/bench_grpo_step.py " + " ".join(sys.argv[1:]),
                   common.markdown_table(HEADER, rows), notes,
                   results_dir=None if args.no_save else common.RESULTS_DIR)

@@ -5,9 +5,10 @@
 
 Ours is `train/sft.make_train_step` (mean next-token NLL, global-norm clipping at 1, AdamW b2 0.95, no
 weight decay), jitted with the state donated; by default it is timed twice, in one pass over the batch
-and in 4 microbatches of rows (`--microbatches`, gradient accumulation: the same update). Theirs is the loop a PyTorch user writes around the same
-weights loaded as `Qwen2ForCausalLM` (exported with `models/hf.py`): `model(ids, labels=ids).loss`,
-`backward()`, `clip_grad_norm_(1.0)`, `torch.optim.AdamW` with the same settings. Both see one fixed
+and in 4 microbatches of rows (`--microbatches`, gradient accumulation: the same update). Theirs is the
+loop a PyTorch user writes around the same weights loaded as `Qwen2ForCausalLM` (exported with
+`models/hf.py`): `model(ids, labels=ids).loss`, `backward()`, `clip_grad_norm_(1.0)`, `torch.optim.AdamW`
+with the same settings. Both see one fixed
 batch of random tokens, alternate, and report medians over `--reps`; the first losses must agree (same
 weights, same data), which the table's notes show. Achieved FLOP/s (analytic 6·N·tokens + attention) is
 also given as a share of an n³ fp32 matmul timed in the same run, the machine's practical peak.

@@ -24,7 +24,7 @@ Everything here is a pure function of arrays; the config is read at trace time, 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -127,26 +127,98 @@ def group_reward_stats(rewards: jax.Array, group_size: int) -> dict[str, jax.Arr
     }
 
 
-def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
-    return jnp.sum(jnp.where(mask > 0, x, 0.0)) / jnp.maximum(jnp.sum(mask), 1.0)
+class LossWeights(NamedTuple):
+    """Batch-wide token weights that make the policy loss and its logs plain sums over tokens, so that a
+    batch can be scored in slices of rows and the slices' sums added (`policy_loss_terms`)."""
+
+    loss: jax.Array  # [N, T]: the loss is Σ loss · per-token loss (`cfg.loss_type`'s normalisation)
+    mean: jax.Array  # [N, T]: mask / Σ mask, so a masked token mean is Σ mean · x
 
 
-def _aggregate(per_token_loss: jax.Array, mask: jax.Array, cfg: Any) -> jax.Array:
-    """Reduces `[N, T]` token losses to a scalar as `cfg.loss_type` says (TRL's three definitions)."""
-    total = jnp.where(mask > 0, per_token_loss, 0.0)
+def loss_weights(mask: jax.Array, cfg: Any, truncated: jax.Array | None = None) -> LossWeights:
+    """The weights of `[N, T]` completion tokens (`mask`) under `cfg.loss_type` (TRL's three definitions):
+    `grpo` 1 / (N · the row's length), `dapo` 1 / (tokens in the batch), `dr_grpo` 1 / (N ·
+    max_completion_length); rows flagged `truncated` weigh 0 under `cfg.mask_truncated_completions`."""
+    mask = mask.astype(jnp.float32)
+    if truncated is not None and cfg.mask_truncated_completions:
+        mask = mask * (1.0 - truncated.astype(jnp.float32))[:, None]
+    rows = mask.shape[0]
     if cfg.loss_type == "grpo":
-        per_sequence = jnp.sum(total, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
-        return jnp.mean(per_sequence)
-    if cfg.loss_type == "dapo":
-        return jnp.sum(total) / jnp.maximum(jnp.sum(mask), 1.0)
-    if cfg.loss_type == "dr_grpo":
+        loss = mask / (rows * jnp.maximum(jnp.sum(mask, axis=-1, keepdims=True), 1.0))
+    elif cfg.loss_type == "dapo":
+        loss = mask / jnp.maximum(jnp.sum(mask), 1.0)
+    elif cfg.loss_type == "dr_grpo":
         if mask.shape[-1] > cfg.max_completion_length:
             raise ValueError(
                 f"completions are {mask.shape[-1]} tokens wide but max_completion_length = "
                 f"{cfg.max_completion_length}: the dr_grpo normaliser must bound every length"
             )
-        return jnp.sum(total) / (mask.shape[0] * cfg.max_completion_length)
-    raise ValueError(f"GRPO config field 'loss_type' = {cfg.loss_type!r}: choose one of {LOSS_TYPES}")
+        loss = mask / (rows * cfg.max_completion_length)
+    else:
+        raise ValueError(f"GRPO config field 'loss_type' = {cfg.loss_type!r}: choose one of {LOSS_TYPES}")
+    return LossWeights(loss=loss, mean=mask / jnp.maximum(jnp.sum(mask), 1.0))
+
+
+def _weighted_sum(weights: jax.Array, x: jax.Array) -> jax.Array:
+    return jnp.sum(jnp.where(weights > 0, weights * x, 0.0))
+
+
+def policy_loss_terms(
+    logp: jax.Array,
+    old_logp: jax.Array | None,
+    advantages: jax.Array,
+    weights: LossWeights,
+    cfg: Any,
+    ref_logp: jax.Array | None = None,
+    *,
+    entropy: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The clipped surrogate (+ k3 KL) and its token-mean logs as sums over the given rows, with
+    batch-wide `weights` (`loss_weights`): over slices of a batch's rows they add up to `policy_loss`."""
+    if cfg.beta > 0 and ref_logp is None:
+        raise ValueError(f"GRPO config field 'beta' = {cfg.beta}: a KL penalty needs ref_logp")
+    if old_logp is None:
+        old_logp = jax.lax.stop_gradient(logp)
+    if advantages.ndim == 1:
+        advantages = advantages[:, None]
+    advantages = jnp.broadcast_to(advantages, logp.shape)
+    active = weights.mean > 0
+
+    # Log-ratios are zeroed off the mask first so that padding (even at -inf) stays finite.
+    ratio = jnp.exp(jnp.where(active, logp - old_logp, 0.0))
+    clipped = jnp.clip(ratio, 1.0 - cfg.epsilon, 1.0 + cfg.epsilon_high)
+    capped = ratio if cfg.delta is None else jnp.minimum(ratio, cfg.delta)
+    per_token_loss = -jnp.minimum(capped * advantages, clipped * advantages)
+
+    token_means = {}
+    if ref_logp is not None:
+        ref_log_ratio = jnp.where(active, ref_logp - logp, 0.0)
+        per_token_kl = jnp.exp(ref_log_ratio) - ref_log_ratio - 1.0
+        if cfg.beta > 0:
+            per_token_loss = per_token_loss + cfg.beta * per_token_kl
+        token_means["kl"] = per_token_kl
+
+    low = (ratio < 1.0 - cfg.epsilon) & (advantages < 0)
+    high = (ratio > 1.0 + cfg.epsilon_high) & (advantages > 0)
+    token_means.update({"clip_ratio/low": low, "clip_ratio/high": high, "clip_ratio/region": low | high,
+                        "ratio/mean": ratio})
+    if cfg.delta is not None:
+        token_means["clip_ratio/dual"] = (ratio > cfg.delta) & (advantages < 0)
+    if entropy is not None:
+        token_means["entropy"] = entropy
+    loss = _weighted_sum(weights.loss, per_token_loss)
+    metrics = {name: _weighted_sum(weights.mean, x.astype(jnp.float32)) for name, x in token_means.items()}
+    return loss, jax.lax.stop_gradient({"loss": loss, **metrics})
+
+
+def completion_metrics(mask: jax.Array, truncated: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Completion lengths (mean, min, max) and the truncated share, the logs that are not token sums."""
+    lengths = jnp.sum(mask.astype(jnp.float32), axis=-1)
+    metrics = {"completions/mean_length": jnp.mean(lengths), "completions/min_length": jnp.min(lengths),
+               "completions/max_length": jnp.max(lengths)}
+    if truncated is not None:
+        metrics["completions/truncated_ratio"] = jnp.mean(truncated.astype(jnp.float32))
+    return metrics
 
 
 def policy_loss(
@@ -177,54 +249,6 @@ def policy_loss(
     Returns:
       The scalar loss to minimise and a dict of scalar logs.
     """
-    if cfg.beta > 0 and ref_logp is None:
-        raise ValueError(f"GRPO config field 'beta' = {cfg.beta}: a KL penalty needs ref_logp")
-    if old_logp is None:
-        old_logp = jax.lax.stop_gradient(logp)
-    mask = mask.astype(jnp.float32)
-    completion_lengths = jnp.sum(mask, axis=-1)
-    if truncated is not None and cfg.mask_truncated_completions:
-        mask = mask * (1.0 - truncated.astype(jnp.float32))[:, None]
-    if advantages.ndim == 1:
-        advantages = advantages[:, None]
-    advantages = jnp.broadcast_to(advantages, logp.shape)
-    active = mask > 0
-
-    # Log-ratios are zeroed off the mask first so that padding (even at -inf) stays finite.
-    ratio = jnp.exp(jnp.where(active, logp - old_logp, 0.0))
-    clipped = jnp.clip(ratio, 1.0 - cfg.epsilon, 1.0 + cfg.epsilon_high)
-    capped = ratio if cfg.delta is None else jnp.minimum(ratio, cfg.delta)
-    per_token_loss = -jnp.minimum(capped * advantages, clipped * advantages)
-
-    metrics = {}
-    if ref_logp is not None:
-        ref_log_ratio = jnp.where(active, ref_logp - logp, 0.0)
-        per_token_kl = jnp.exp(ref_log_ratio) - ref_log_ratio - 1.0
-        if cfg.beta > 0:
-            per_token_loss = per_token_loss + cfg.beta * per_token_kl
-        metrics["kl"] = _masked_mean(per_token_kl, mask)
-
-    loss = _aggregate(per_token_loss, mask, cfg)
-
-    low = (ratio < 1.0 - cfg.epsilon) & (advantages < 0)
-    high = (ratio > 1.0 + cfg.epsilon_high) & (advantages > 0)
-    metrics.update(
-        {
-            "loss": loss,
-            "clip_ratio/low": _masked_mean(low.astype(jnp.float32), mask),
-            "clip_ratio/high": _masked_mean(high.astype(jnp.float32), mask),
-            "clip_ratio/region": _masked_mean((low | high).astype(jnp.float32), mask),
-            "ratio/mean": _masked_mean(ratio, mask),
-            "completions/mean_length": jnp.mean(completion_lengths),
-            "completions/min_length": jnp.min(completion_lengths),
-            "completions/max_length": jnp.max(completion_lengths),
-        }
-    )
-    if cfg.delta is not None:
-        dual = (ratio > cfg.delta) & (advantages < 0)
-        metrics["clip_ratio/dual"] = _masked_mean(dual.astype(jnp.float32), mask)
-    if truncated is not None:
-        metrics["completions/truncated_ratio"] = jnp.mean(truncated.astype(jnp.float32))
-    if entropy is not None:
-        metrics["entropy"] = _masked_mean(entropy, mask)
-    return loss, jax.lax.stop_gradient(metrics)
+    loss, metrics = policy_loss_terms(logp, old_logp, advantages, loss_weights(mask, cfg, truncated), cfg,
+                                      ref_logp, entropy=entropy)
+    return loss, {**metrics, **completion_metrics(mask, truncated)}
