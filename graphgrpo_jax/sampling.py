@@ -60,6 +60,18 @@ def _smallest_key(predicate, low: jax.Array, high: jax.Array) -> jax.Array:
     return jax.lax.fori_loop(0, 32, halve, (low, high))[1]
 
 
+def _scaled(logits: jax.Array, params: SamplingParams) -> jax.Array:
+    """Logits divided by the temperature (by 1 when greedy)."""
+    temperature = jnp.asarray(params.temperature, jnp.float32)
+    return logits / jnp.where(temperature > 0, temperature, 1.0)
+
+
+def _filtering(params: SamplingParams, vocab: int) -> jax.Array:
+    """Whether top-k or top-p removes any token."""
+    top_k = jnp.asarray(params.top_k, jnp.int32)
+    return ((top_k > 0) & (top_k < vocab)) | (jnp.asarray(params.top_p, jnp.float32) < 1.0)
+
+
 def filter_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
     """Logits [B, V] divided by the temperature, with tokens outside the top-k / top-p sets at -inf.
 
@@ -72,8 +84,7 @@ def filter_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
     of the float32 values (32 passes of compare-and-sum over [B, V]): top-k's is the k-th largest value,
     top-p's the smallest value whose strictly-larger mass is below p. Skipped when neither filter is on.
     """
-    temperature = jnp.asarray(params.temperature, jnp.float32)
-    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
+    scaled = _scaled(logits, params)
     top_k = jnp.asarray(params.top_k, jnp.int32)
     top_p = jnp.asarray(params.top_p, jnp.float32)
     vocab = logits.shape[-1]
@@ -94,23 +105,84 @@ def filter_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
         p_key = jax.lax.cond(top_p < 1.0, nucleus_key, lambda: k_key)
         return jnp.where(keys >= p_key, scaled, -jnp.inf)
 
-    filtering = ((top_k > 0) & (top_k < vocab)) | (top_p < 1.0)
-    return jax.lax.cond(filtering, truncate, lambda scaled: scaled, scaled)
+    return jax.lax.cond(_filtering(params, vocab), truncate, lambda scaled: scaled, scaled)
+
+
+CANDIDATES = 64  # the largest logits per row that a filtered draw looks at first (`candidate_logits`)
+
+
+def candidate_logits(logits: jax.Array, params: SamplingParams,
+                     num_candidates: int = CANDIDATES) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`filter_logits` on each row's `num_candidates` largest logits only: (filtered [B, C], their token
+    ids [B, C], exact [B]). `exact` says that every token `filter_logits` keeps is a candidate, so a draw
+    over the candidates has the same distribution; it holds when top-k is on with k ≤ C (and no ties at
+    the k-th value spill past C), or when top-p alone finds its nucleus within the candidates.
+
+    Why: the exact thresholds over the whole vocabulary take 64 bisection passes of [B, V] per decode
+    step, and a Gumbel draw another [B, V]; here one `lax.top_k` does the [B, V] work, and the rest runs
+    on [B, C]. A token's top-p test is the same as `filter_logits`'s: the top-k-renormalised mass of the
+    strictly larger logits is below p. `lax.top_k`'s outputs are only read whole (the k-th value by a
+    one-hot sum, the smallest by a min): XLA:CPU turns a top_k whose output is indexed or sliced other
+    than from 0 into a full sort, ~35 ms of [64, 2048] against ~1.5 ms.
+    """
+    scaled = _scaled(logits, params)
+    vocab = scaled.shape[-1]
+    num_candidates = min(num_candidates, vocab)
+    top_k = jnp.asarray(params.top_k, jnp.int32)
+    top_p = jnp.asarray(params.top_p, jnp.float32)
+    values, ids = jax.lax.top_k(scaled, num_candidates)  # descending
+    k_on = (top_k > 0) & (top_k < vocab)
+    position = jax.lax.broadcasted_iota(jnp.int32, values.shape, 1)
+    kth = jnp.sum(jnp.where(position == top_k - 1, values, 0.0), axis=-1, keepdims=True)
+    kth = jnp.where(k_on, kth, -jnp.inf)
+    kept_by_k = scaled >= kth  # [B, V]: ties at the k-th value are all kept
+    keep = values >= kth
+    # Top-p on the top-k-renormalised distribution: the mass of each candidate's strictly larger tokens,
+    # which are all candidates (every other token is at most the smallest candidate).
+    normaliser = jax.nn.logsumexp(jnp.where(kept_by_k, scaled, -jnp.inf), axis=-1, keepdims=True)
+    probs = jnp.where(keep, jnp.exp(values - normaliser), 0.0)
+    mass_above = jnp.sum(jnp.where(values[:, :, None] > values[:, None, :], probs[:, :, None], 0.0), axis=1)
+    keep &= (top_p >= 1.0) | (mass_above < top_p)
+    # Exact when no kept token lies outside: top-k's kept set fits, or (top-p alone) every outside token,
+    # at most the smallest candidate, has at least the candidates above that one in front of it.
+    k_fits = (top_k <= num_candidates) & (jnp.sum(kept_by_k, axis=-1) <= num_candidates)
+    smallest = jnp.min(values, axis=-1, keepdims=True)
+    nucleus_fits = jnp.sum(jnp.where(values > smallest, probs, 0.0), axis=-1) >= top_p
+    exact = (num_candidates == vocab) | jnp.where(k_on, k_fits, nucleus_fits)
+    return jnp.where(keep, values, -jnp.inf), ids, exact
+
+
+def first_max_index(x: jax.Array) -> jax.Array:
+    """`jnp.argmax(x, axis=-1)` (the first index of each row's maximum; rows without NaN) as two plain
+    reductions, a max and a masked min. Why: XLA:CPU runs argmax's variadic (value, index) reduce without
+    vectorising it, and in a sampled decode step that took ~2 ms of [64, 2048] against ~0.1 ms for these.
+    """
+    top = jnp.max(x, axis=-1, keepdims=True)
+    index = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return jnp.min(jnp.where(x == top, index, x.shape[-1]), axis=-1)
 
 
 def sample_tokens(logits: jax.Array, rng: jax.Array, params: SamplingParams) -> jax.Array:
-    """One token per row from logits [B, V]: argmax when temperature is 0, else a filtered draw.
+    """One token per row from logits [B, V]: argmax when temperature is 0, else a tempered, filtered draw.
 
-    A `lax.cond`, not a select: greedy decoding skips the filters and the Gumbel noise (a [B, V] draw
-    per step) instead of computing and discarding them.
+    Draws are `jax.random.categorical`'s Gumbel-max trick, spelled out to use `first_max_index`. With
+    top-k or top-p on, the draw is over `candidate_logits` when they are exact for every row, else over
+    `filter_logits` of the whole vocabulary. `lax.cond`s, not selects: greedy decoding skips the filters
+    and the Gumbel noise instead of computing and discarding them.
     """
+    def gumbel_max(logits):
+        return first_max_index(jax.random.gumbel(rng, logits.shape) + logits)
+
+    def filtered(logits):
+        candidates, ids, exact = candidate_logits(logits, params)
+        over_candidates = lambda: jnp.take_along_axis(ids, gumbel_max(candidates)[:, None], axis=-1)[:, 0]
+        return jax.lax.cond(jnp.all(exact), over_candidates, lambda: gumbel_max(filter_logits(logits, params)))
+
     def draw(logits):
-        return jax.random.categorical(rng, filter_logits(logits, params), axis=-1).astype(jnp.int32)
+        unfiltered = lambda logits: gumbel_max(_scaled(logits, params))
+        return jax.lax.cond(_filtering(params, logits.shape[-1]), filtered, unfiltered, logits)
 
-    def greedy(logits):
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-    return jax.lax.cond(jnp.asarray(params.temperature) > 0, draw, greedy, logits)
+    return jax.lax.cond(jnp.asarray(params.temperature) > 0, draw, first_max_index, logits)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "cache_len", "group_size"))

@@ -194,6 +194,53 @@ def test_filter_logits_matches_a_sorting_reference(ties):
             np.testing.assert_allclose(row[np.isfinite(row)], scaled[np.isfinite(row)], rtol=1e-6)
 
 
+def test_first_max_index_is_argmax():
+    rng = np.random.default_rng(3)
+    x = np.round(rng.normal(size=(64, 257))).astype(np.float32)  # ties: the first maximum wins
+    x[5] = -np.inf
+    np.testing.assert_array_equal(np.asarray(sampling.first_max_index(jnp.asarray(x))), np.argmax(x, axis=-1))
+
+
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+def test_candidate_logits_match_the_sorting_reference_where_exact(ties):
+    rng = np.random.default_rng(11)
+    logits = rng.normal(scale=3.0, size=(96, 300)).astype(np.float32)  # 300 tokens, 64 candidates
+    if ties:
+        logits = np.round(logits)
+    logits[:, :5] = -np.inf
+    # (knobs, rows reported exact without ties): k <= 64 always fits; k = 65 never; a wide nucleus does not.
+    for top_k, top_p, temperature, exact_rows in [(40, 1.0, 1.0, 96), (64, 1.0, 1.0, 96), (50, 0.95, 1.3, 96),
+                                                  (0, 0.9, 0.7, 96), (1, 0.5, 1.0, 96), (65, 0.9, 1.0, 0),
+                                                  (0, 0.999, 2.0, 0)]:
+        knobs = sampling.SamplingParams(temperature, top_k, top_p)
+        candidates, ids, exact = map(np.asarray, sampling.candidate_logits(jnp.asarray(logits), knobs))
+        if not ties:
+            assert exact.sum() == exact_rows, (top_k, top_p, temperature)
+        for row in np.flatnonzero(exact):
+            scaled = logits[row] / np.float32(temperature)
+            kept = np.full(scaled.shape, -np.inf)
+            kept[ids[row]] = candidates[row]
+            expected = sorted_filter_reference(scaled, top_k, top_p)
+            np.testing.assert_array_equal(np.isfinite(kept), np.isfinite(expected),
+                                          err_msg=f"row {row}: top_k={top_k} top_p={top_p} T={temperature}")
+            np.testing.assert_allclose(kept[np.isfinite(kept)], scaled[np.isfinite(kept)], rtol=1e-6)
+
+
+@pytest.mark.parametrize("top_k, over_candidates", [(50, True), (80, False)], ids=["candidates", "whole_vocab"])
+def test_filtered_draws_over_either_path_follow_the_distribution(top_k, over_candidates):
+    """100 tokens, 64 candidates: top-k 50 draws over the candidates, top-k 80 over the whole vocabulary."""
+    draws = 40_000
+    row = np.linspace(2.0, -2.0, 100).astype(np.float32)  # descending: the top k are the first k
+    knobs = sampling.SamplingParams(jnp.float32(1.0), jnp.int32(top_k), jnp.float32(1.0))
+    logits = jnp.tile(jnp.asarray(row), (draws, 1))
+    assert bool(np.all(np.asarray(sampling.candidate_logits(logits[:1], knobs)[2]))) == over_candidates
+    tokens = np.asarray(jax.jit(sampling.sample_tokens)(logits, jax.random.key(4), knobs))
+    expected = np.exp(row[:top_k] - row[:top_k].max())
+    frequencies = np.bincount(tokens, minlength=100) / draws
+    np.testing.assert_array_equal(frequencies[top_k:], 0.0)
+    np.testing.assert_allclose(frequencies[:top_k], expected / expected.sum(), atol=0.004)
+
+
 def test_draws_follow_the_filtered_tempered_distribution():
     draws = 20_000
     logits = jnp.tile(jnp.log(jnp.asarray(PROBS, jnp.float32)), (draws, 1))
