@@ -66,10 +66,35 @@ def _scaled(logits: jax.Array, params: SamplingParams) -> jax.Array:
     return logits / jnp.where(temperature > 0, temperature, 1.0)
 
 
+def _top_k_on(top_k: jax.Array, vocab: int) -> jax.Array:
+    """Whether top-k removes any token of a `vocab`-token row (0 switches it off)."""
+    return (top_k > 0) & (top_k < vocab)
+
+
 def _filtering(params: SamplingParams, vocab: int) -> jax.Array:
     """Whether top-k or top-p removes any token."""
+    return _top_k_on(jnp.asarray(params.top_k, jnp.int32), vocab) | (jnp.asarray(params.top_p, jnp.float32) < 1.0)
+
+
+def _truncate(scaled: jax.Array, params: SamplingParams) -> jax.Array:
+    """Tempered logits [B, V] with the tokens outside the top-k / top-p sets at -inf (see `filter_logits`)."""
     top_k = jnp.asarray(params.top_k, jnp.int32)
-    return ((top_k > 0) & (top_k < vocab)) | (jnp.asarray(params.top_p, jnp.float32) < 1.0)
+    top_p = jnp.asarray(params.top_p, jnp.float32)
+    keys = _order_keys(scaled)
+    lowest = jnp.zeros(keys.shape[:-1] + (1,), jnp.uint32)
+    highest = jnp.max(keys, axis=-1, keepdims=True)
+    k_key = jax.lax.cond(
+        _top_k_on(top_k, scaled.shape[-1]),
+        lambda: _smallest_key(lambda t: jnp.sum(keys > t, axis=-1, keepdims=True) < top_k, lowest, highest),
+        lambda: lowest)
+
+    def nucleus_key():
+        probs = jax.nn.softmax(jnp.where(keys >= k_key, scaled, -jnp.inf), axis=-1)
+        mass_above = lambda t: jnp.sum(jnp.where(keys > t, probs, 0.0), axis=-1, keepdims=True)
+        return _smallest_key(lambda t: mass_above(t) < top_p, k_key, highest)
+
+    p_key = jax.lax.cond(top_p < 1.0, nucleus_key, lambda: k_key)
+    return jnp.where(keys >= p_key, scaled, -jnp.inf)
 
 
 def filter_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
@@ -84,28 +109,8 @@ def filter_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
     of the float32 values (32 passes of compare-and-sum over [B, V]): top-k's is the k-th largest value,
     top-p's the smallest value whose strictly-larger mass is below p. Skipped when neither filter is on.
     """
-    scaled = _scaled(logits, params)
-    top_k = jnp.asarray(params.top_k, jnp.int32)
-    top_p = jnp.asarray(params.top_p, jnp.float32)
-    vocab = logits.shape[-1]
-
-    def truncate(scaled):
-        keys = _order_keys(scaled)
-        lowest = jnp.zeros(keys.shape[:-1] + (1,), jnp.uint32)
-        highest = jnp.max(keys, axis=-1, keepdims=True)
-        k_key = jax.lax.cond(
-            (top_k > 0) & (top_k < vocab),
-            lambda: _smallest_key(lambda t: jnp.sum(keys > t, axis=-1, keepdims=True) < top_k, lowest, highest),
-            lambda: lowest)
-        def nucleus_key():
-            probs = jax.nn.softmax(jnp.where(keys >= k_key, scaled, -jnp.inf), axis=-1)
-            mass_above = lambda t: jnp.sum(jnp.where(keys > t, probs, 0.0), axis=-1, keepdims=True)
-            return _smallest_key(lambda t: mass_above(t) < top_p, k_key, highest)
-
-        p_key = jax.lax.cond(top_p < 1.0, nucleus_key, lambda: k_key)
-        return jnp.where(keys >= p_key, scaled, -jnp.inf)
-
-    return jax.lax.cond(_filtering(params, vocab), truncate, lambda scaled: scaled, scaled)
+    return jax.lax.cond(_filtering(params, logits.shape[-1]), functools.partial(_truncate, params=params),
+                        lambda scaled: scaled, _scaled(logits, params))
 
 
 CANDIDATES = 64  # the largest logits per row that a filtered draw looks at first (`candidate_logits`)
@@ -131,7 +136,7 @@ def candidate_logits(logits: jax.Array, params: SamplingParams,
     top_k = jnp.asarray(params.top_k, jnp.int32)
     top_p = jnp.asarray(params.top_p, jnp.float32)
     values, ids = jax.lax.top_k(scaled, num_candidates)  # descending
-    k_on = (top_k > 0) & (top_k < vocab)
+    k_on = _top_k_on(top_k, vocab)
     position = jax.lax.broadcasted_iota(jnp.int32, values.shape, 1)
     kth = jnp.sum(jnp.where(position == top_k - 1, values, 0.0), axis=-1, keepdims=True)
     kth = jnp.where(k_on, kth, -jnp.inf)
@@ -176,7 +181,8 @@ def sample_tokens(logits: jax.Array, rng: jax.Array, params: SamplingParams) -> 
     def filtered(logits):
         candidates, ids, exact = candidate_logits(logits, params)
         over_candidates = lambda: jnp.take_along_axis(ids, gumbel_max(candidates)[:, None], axis=-1)[:, 0]
-        return jax.lax.cond(jnp.all(exact), over_candidates, lambda: gumbel_max(filter_logits(logits, params)))
+        over_vocabulary = lambda: gumbel_max(_truncate(_scaled(logits, params), params))
+        return jax.lax.cond(jnp.all(exact), over_candidates, over_vocabulary)
 
     def draw(logits):
         unfiltered = lambda logits: gumbel_max(_scaled(logits, params))
