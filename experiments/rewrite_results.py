@@ -2,19 +2,25 @@ r"""Query rewriting (paper B): raw query vs single-task SFT vs multi-task SFT vs
 
   python experiments/rewrite_results.py --base=runs/rewrite_results              # cpu config, 3 seeds
   python experiments/rewrite_results.py --base=runs/rr --seeds=0 --fusions=rfusion,conv
+  python experiments/rewrite_results.py --base=runs/rr_scarce --variant=cpu_scarce --fusions=rfusion \
+      --seeds=0,1,2,3,4,5,6,7                                                      # experiments/README's headline
 
-Per seed: one single-task SFT (rewrite generation only) and one multi-task SFT (generation + tagging,
-1:1); each GRPO variant starts from that seed's multi-task SFT policy (or, `--grpo_from=single`, from its
-single-task one, for fusions without r_rel or with a judge other than the tagging task). The seed changes the model's
-initialisation, the batches and the sampling; the world (catalogue, queries) stays the same. Prints
-accuracy, recall@k and relevance@k on the chosen split as mean ± std over seeds (the gold rewrite is the
-ceiling of accuracy). Finished runs are reused, so an interrupted sweep resumes.
+Per seed: one single-task SFT (rewrite generation only) and one multi-task SFT (generation + tagging; the
+variant's mix, or 1:1 where the variant is single-task). Each GRPO variant starts from the SFT policy the
+variant's own pipeline trains (multi-task for `cpu`, single-task for `cpu_scarce`), or the one `--grpo_from`
+names; from single-task SFT only with a judge other than the tagging task. A student judge
+(`rewrite.judge=student`) is trained once, in `<base>/student`, unless `rewrite.student_workdir` names one.
+The seed changes the model's initialisation, the batches and the sampling; the world (catalogue, queries)
+stays the same. Prints accuracy, recall@k and relevance@k on the chosen split as mean ± std over seeds (the
+gold rewrite is the ceiling of accuracy). Finished runs are reused, so an interrupted sweep resumes.
 """
 
+import dataclasses
 import json
 import os
 import shutil
 
+import ml_collections
 import numpy as np
 from absl import app, flags
 
@@ -22,63 +28,84 @@ from configs import common, rewrite as rewrite_configs
 from graphgrpo_jax import main as pipeline
 from graphgrpo_jax.rl import rewards
 
-_BASE = flags.DEFINE_string("base", "runs/rewrite_results", "Folder for every run of the sweep.")
-_VARIANT = flags.DEFINE_string("variant", "cpu", "Variant of configs/rewrite.py.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds.")
-_FUSIONS = flags.DEFINE_list("fusions", list(rewards.FUSION_MODES), "GRPO reward variants.")
-_SPLIT = flags.DEFINE_string("split", "test", "Held-out split of the table (test or ood).")
-_OVERRIDES = flags.DEFINE_multi_string("set", [], "Config overrides for every run, e.g. rl.num_steps=100.")
-_GRPO_FROM = flags.DEFINE_enum("grpo_from", "multi", ["multi", "single"], "The SFT policy GRPO starts from; "
-                               "`single` has no tagging task, so not with the tagger judge in r_rel.")
-
 METRICS = ("accuracy", "recall", "relevance")
 JUDGE_METRICS = ("tag_accuracy", "own_tag_accuracy", "own_p_relevant", "own_truly_relevant")
 
 
-def _run(workdir: str, seed: int, stages: tuple[str, ...], policies: tuple[str, ...], **overrides) -> dict:
-    """Runs `stages` in `workdir` unless an earlier sweep finished them; returns its eval report."""
-    report = os.path.join(workdir, "rewrite_eval", "metrics.json")
-    if not os.path.exists(report):
-        config = rewrite_configs.get_config(_VARIANT.value)
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """One table: every seed's SFT pair and GRPO runs under `base`, from `variant` plus `overrides`."""
+    base: str
+    variant: str = "cpu"
+    overrides: tuple[str, ...] = ()
+    fusions: tuple[str, ...] = tuple(rewards.FUSION_MODES)
+    grpo_from: str | None = None  # "multi" | "single" | None: the SFT the variant's own pipeline trains
+    split: str = "test"
+
+    def config(self, seed: int = 0, **overrides) -> ml_collections.ConfigDict:
+        config = common.apply_overrides(rewrite_configs.get_config(self.variant), self.overrides)
         config.seed = seed
-        config.stages = stages
-        config.rewrite_eval.policies = policies
-        common.apply_overrides(config, _OVERRIDES.value)
         config.update_from_flattened_dict(overrides)
-        pipeline.run(config, workdir)
-    with open(report) as f:
-        return json.load(f)
+        return config
 
+    def start_from(self) -> str:
+        if self.grpo_from:
+            return self.grpo_from
+        return "multi" if self.config().rewrite_sft.task_mix.tag > 0 else "single"
 
-def _reads_tagger(fusion: str) -> bool:
-    """Whether GRPO with `fusion` asks the SFT policy's own tagging task for r_rel."""
-    config = common.apply_overrides(rewrite_configs.get_config(_VARIANT.value), _OVERRIDES.value)
-    return "rel" in rewards.FUSION_INPUTS[fusion] and config.rewrite.judge == "tagger"
+    def check(self) -> None:
+        """Fails before any training where GRPO from single-task SFT would need its (absent) tagging task."""
+        tagger = self.config().rewrite.judge == "tagger"
+        for fusion in self.fusions:
+            if self.start_from() == "single" and tagger and "rel" in rewards.FUSION_INPUTS[fusion]:
+                raise app.UsageError(f"GRPO from single-task SFT: fusion {fusion!r} reads r_rel from the tagger "
+                                     "judge, the multi-task SFT's tagging task (set rewrite.judge to another judge)")
 
+    def run(self, workdir: str, seed: int, stages: tuple[str, ...], policies: tuple[str, ...],
+            **overrides) -> dict:
+        """Runs `stages` in `workdir` unless an earlier sweep finished them; returns its eval report."""
+        report = os.path.join(workdir, "rewrite_eval", "metrics.json")
+        if not os.path.exists(report):
+            config = self.config(seed, **overrides, **self.student())
+            config.stages = stages
+            config.rewrite_eval.policies = policies
+            pipeline.run(config, workdir)
+        with open(report) as f:
+            return json.load(f)
 
-def sweep_seed(seed: int) -> dict[str, dict]:
-    """{row name: report on the split} for one seed."""
-    base = os.path.join(_BASE.value, f"seed{seed}")
-    split = _SPLIT.value
-    sft_stages = ("data", "index", "rewrite_sft", "rewrite_eval")
-    single = _run(os.path.join(base, "single_task_sft"), seed, sft_stages, ("sft",),
-                  **{"rewrite_sft.task_mix.tag": 0.0})
-    multi_dir = os.path.join(base, "multi_task_sft")
-    multi = _run(multi_dir, seed, sft_stages, ("sft",))
-    rows = {"raw query": multi[f"raw/{split}"], "gold rewrite (ceiling)": multi[f"gold/{split}"],
-            "single-task SFT": single[f"sft/{split}"], "multi-task SFT": multi[f"sft/{split}"]}
-    for fusion in _FUSIONS.value:
-        rl_dir, sft_dir, label = os.path.join(base, f"grpo_{fusion}"), multi_dir, f"GRPO, reward {fusion}"
-        if _GRPO_FROM.value == "single":
-            if _reads_tagger(fusion):
-                raise app.UsageError(f"--grpo_from=single: fusion {fusion!r} reads r_rel from the tagger judge, "
-                                     "the multi-task SFT's tagging task (set rewrite.judge to another judge)")
-            rl_dir, sft_dir = f"{rl_dir}_from_single", os.path.join(base, "single_task_sft")
-            label = f"GRPO from single-task SFT, reward {fusion}"
-        if not os.path.exists(rl_dir):  # start from this seed's SFT policy
-            shutil.copytree(sft_dir, rl_dir, ignore=shutil.ignore_patterns("rewrite_eval"))
-        rows[label] = _run(rl_dir, seed, ("rl", "rewrite_eval"), ("rl",), **{"rewrite.fusion": fusion})[f"rl/{split}"]
-    return rows
+    def student(self) -> dict:
+        """The override pointing a student judge at `<base>/student`, trained there once (seed 0) if needed."""
+        config = self.config()
+        if config.rewrite.judge != "student" or config.rewrite.student_workdir:
+            return {}
+        workdir = os.path.join(self.base, "student")
+        done = os.path.join(workdir, config.distill.run_name, "report.json")  # the distill stage's last write
+        if not os.path.exists(done):
+            config.stages = ("data", "distill")
+            pipeline.run(config, workdir)
+        return {"rewrite.student_workdir": workdir}
+
+    def seed_rows(self, seed: int) -> dict[str, dict]:
+        """{row name: report on the split} for one seed."""
+        self.check()
+        base, split = os.path.join(self.base, f"seed{seed}"), self.split
+        sft_stages = ("data", "index", "rewrite_sft", "rewrite_eval")
+        single_dir, multi_dir = os.path.join(base, "single_task_sft"), os.path.join(base, "multi_task_sft")
+        single = self.run(single_dir, seed, sft_stages, ("sft",), **{"rewrite_sft.task_mix.tag": 0.0})
+        multi_mix = {} if self.config().rewrite_sft.task_mix.tag > 0 else {"rewrite_sft.task_mix.tag": 1.0}
+        multi = self.run(multi_dir, seed, sft_stages, ("sft",), **multi_mix)
+        rows = {"raw query": multi[f"raw/{split}"], "gold rewrite (ceiling)": multi[f"gold/{split}"],
+                "single-task SFT": single[f"sft/{split}"], "multi-task SFT": multi[f"sft/{split}"]}
+        for fusion in self.fusions:
+            rl_dir, sft_dir, label = os.path.join(base, f"grpo_{fusion}"), multi_dir, f"GRPO, reward {fusion}"
+            if self.start_from() == "single":
+                rl_dir, sft_dir = f"{rl_dir}_from_single", single_dir
+                label = f"GRPO from single-task SFT, reward {fusion}"
+            if not os.path.exists(rl_dir):  # start from this seed's SFT policy
+                shutil.copytree(sft_dir, rl_dir, ignore=shutil.ignore_patterns("rewrite_eval"))
+            report = self.run(rl_dir, seed, ("rl", "rewrite_eval"), ("rl",), **{"rewrite.fusion": fusion})
+            rows[label] = report[f"rl/{split}"]
+        return rows
 
 
 def _mean_std(values) -> str:
@@ -86,26 +113,44 @@ def _mean_std(values) -> str:
     return f"{values.mean():.3f} ± {values.std(ddof=1):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
-def main(_):
-    per_seed = [sweep_seed(int(seed)) for seed in _SEEDS.value]
+def table(per_seed: list[dict[str, dict]], split: str) -> str:
+    """The markdown table(s) of a sweep: every row's metrics as mean ± std over seeds."""
     k = per_seed[0]["raw query"]["k"]
-    print(f"\n{_SPLIT.value} split, {per_seed[0]['raw query']['num_examples']} queries, "
-          f"{len(per_seed)} seed(s), mean ± std over seeds\n")
-    print(f"| | accuracy | recall@{k} | relevance@{k} (0-3) |")
-    print("|---|---|---|---|")
+    lines = [f"{split} split, {per_seed[0]['raw query']['num_examples']} queries, {len(per_seed)} seed(s), "
+             "mean ± std over seeds", "", f"| | accuracy | recall@{k} | relevance@{k} (0-3) |", "|---|---|---|---|"]
     for row in per_seed[0]:
-        print(f"| {row} | " + " | ".join(_mean_std([reports[row][m] for reports in per_seed]) for m in METRICS) + " |")
+        lines.append(f"| {row} | " + " | ".join(_mean_std([reports[row][m] for reports in per_seed])
+                                                for m in METRICS) + " |")
     judged = [row for row in per_seed[0] if all("judge" in reports[row] for reports in per_seed)]
     if judged:
-        print("\nThe r_rel judge (the multi-task SFT's tagging task, frozen) on each policy's rewrites: its accuracy "
-              "against the world's rule, mean P(relevant), and the share truly relevant\n")
-        print("| | judge accuracy, labelled test tags | judge accuracy, policy's rewrites | mean P(relevant) | "
-              "truly relevant |")
-        print("|---|---|---|---|---|")
+        lines += ["", "The r_rel judge (the multi-task SFT's tagging task, frozen) on each policy's rewrites: its "
+                  "accuracy against the world's rule, mean P(relevant), and the share truly relevant", "",
+                  "| | judge accuracy, labelled test tags | judge accuracy, policy's rewrites | mean P(relevant) | "
+                  "truly relevant |", "|---|---|---|---|---|"]
         for row in judged:
-            print(f"| {row} | " + " | ".join(_mean_std([reports[row]["judge"][m] for reports in per_seed])
-                                           for m in JUDGE_METRICS) + " |")
+            lines.append(f"| {row} | " + " | ".join(_mean_std([reports[row]["judge"][m] for reports in per_seed])
+                                                    for m in JUDGE_METRICS) + " |")
+    return "\n".join(lines)
+
+
+def define_flags() -> None:
+    """The command line; defined only when run as a script, so tests can import the module beside others."""
+    flags.DEFINE_string("base", "runs/rewrite_results", "Folder for every run of the sweep.")
+    flags.DEFINE_string("variant", "cpu", "Variant of configs/rewrite.py.")
+    flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds.")
+    flags.DEFINE_list("fusions", list(rewards.FUSION_MODES), "GRPO reward variants.")
+    flags.DEFINE_string("split", "test", "Held-out split of the table (test or ood).")
+    flags.DEFINE_multi_string("set", [], "Config overrides for every run, e.g. rl.num_steps=100.")
+    flags.DEFINE_enum("grpo_from", None, ["multi", "single"], "The SFT policy GRPO starts from (default: the "
+                      "variant's own); `single` has no tagging task, so not with the tagger judge in r_rel.")
+
+
+def main(_):
+    f = flags.FLAGS
+    sweep = Sweep(f.base, f.variant, tuple(f.set), tuple(f.fusions), f.grpo_from, f.split)
+    print("\n" + table([sweep.seed_rows(int(seed)) for seed in f.seeds], sweep.split))
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

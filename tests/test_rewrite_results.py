@@ -1,0 +1,88 @@
+"""The rewrite sweep (experiments/rewrite_results.py) on the micro config: which SFT each GRPO run starts from,
+the student judge trained once for the whole sweep, resuming finished runs, and the table's mean ± std."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from absl import app
+
+from configs import rewrite as rewrite_configs
+from experiments import rewrite_results
+
+# The recipe of the `cpu_scarce` variant, on the micro world.
+SCARCE = ("rewrite_sft.task_mix.tag=0", "rewrite_sft.labelled_fraction=0.6", "rewrite.rl_queries=unlabelled",
+          "rewrite.judge=student", "rewrite.w_rel=0.2", "rewrite.w_conv=0.8", "rl.temperature=1.5",
+          "rewrite_eval.splits=[\"test\"]")
+
+
+def _config(workdir) -> dict:
+    with open(os.path.join(workdir, "config.json")) as f:
+        return json.load(f)
+
+
+def _files(folder) -> dict[str, bytes]:
+    out = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as f:
+                out[os.path.relpath(os.path.join(root, name), folder)] = f.read()
+    return out
+
+
+def test_cpu_scarce_is_the_cpu_world_with_the_headline_recipe():
+    cpu, scarce = rewrite_configs.get_config("cpu"), rewrite_configs.get_config("cpu_scarce")
+    assert scarce.world == cpu.world and scarce.model == cpu.model and scarce.rewrite_sft.num_steps == 1200
+    assert scarce.stages.index("distill") < scarce.stages.index("rl")  # the student judge exists before GRPO
+    assert (scarce.rewrite_sft.task_mix.tag, scarce.rewrite_sft.labelled_fraction) == (0.0, 0.6)
+    assert (scarce.rewrite.judge, scarce.rewrite.w_rel, scarce.rewrite.w_conv) == ("student", 0.2, 0.8)
+    assert (scarce.rl.num_steps, scarce.rl.temperature, scarce.rl_optim.learning_rate) == (360, 1.5, 1e-4)
+    assert rewrite_results.Sweep("unused", "cpu_scarce").start_from() == "single"
+    assert rewrite_results.Sweep("unused", "cpu").start_from() == "multi"
+
+
+def test_grpo_from_single_task_sft_needs_a_judge_other_than_its_tagger(tmp_path):
+    sweep = rewrite_results.Sweep(str(tmp_path), "micro", fusions=("conv", "rfusion"), grpo_from="single")
+    with pytest.raises(app.UsageError, match="fusion 'rfusion' reads r_rel from the tagger judge"):
+        sweep.seed_rows(0)
+    assert not os.listdir(tmp_path)  # nothing trained before the check
+
+
+def test_scarce_sweep_starts_grpo_from_single_task_sft_with_one_student(tmp_path):
+    sweep = rewrite_results.Sweep(str(tmp_path), "micro", overrides=SCARCE, fusions=("rfusion",))
+    rows = sweep.seed_rows(0)
+    assert list(rows) == ["raw query", "gold rewrite (ceiling)", "single-task SFT", "multi-task SFT",
+                          "GRPO from single-task SFT, reward rfusion"]
+    seed = tmp_path / "seed0"
+    assert sorted(os.listdir(tmp_path)) == ["seed0", "student"]
+    assert (tmp_path / "student" / "distill" / "report.json").exists()
+    single, multi, grpo = (_config(seed / name) for name in ("single_task_sft", "multi_task_sft",
+                                                             "grpo_rfusion_from_single"))
+    assert (single["rewrite_sft"]["task_mix"]["tag"], multi["rewrite_sft"]["task_mix"]["tag"]) == (0.0, 1.0)
+    assert grpo["rewrite"]["student_workdir"] == str(tmp_path / "student")
+    assert (grpo["rl"]["temperature"], grpo["stages"]) == (1.5, ["rl", "rewrite_eval"])
+    # GRPO started from the single-task SFT's checkpoints, copied unchanged.
+    copied, source = _files(seed / "grpo_rfusion_from_single" / "sft"), _files(seed / "single_task_sft" / "sft")
+    assert copied and copied == source
+    for report in rows.values():
+        assert 0.0 <= report["recall"] <= 1.0 and 0.0 <= report["relevance"] <= 3.0
+
+    # A finished sweep is reused: nothing runs again, the reports are the same.
+    stamps = {p: os.path.getmtime(p) for p in seed.glob("*/rewrite_eval/metrics.json")}
+    assert len(stamps) == 3 and sweep.seed_rows(0) == rows
+    assert stamps == {p: os.path.getmtime(p) for p in stamps}
+
+
+def test_table_is_mean_and_sample_std_over_seeds():
+    def reports(acc, rec, rel):
+        return {"raw query": {"accuracy": acc, "recall": rec, "relevance": rel, "k": 10, "num_examples": 256}}
+
+    per_seed = [reports(0.1, 0.5, 1.0), reports(0.3, 0.7, 2.0), reports(0.2, 0.9, 1.5)]
+    lines = rewrite_results.table(per_seed, "test").splitlines()
+    assert lines[0] == "test split, 256 queries, 3 seed(s), mean ± std over seeds"
+    assert lines[2] == "| | accuracy | recall@10 | relevance@10 (0-3) |"
+    expected = [f"{np.mean(v):.3f} ± {np.std(v, ddof=1):.3f}" for v in ([0.1, 0.3, 0.2], [0.5, 0.7, 0.9],
+                                                                        [1.0, 2.0, 1.5])]
+    assert lines[4] == "| raw query | " + " | ".join(expected) + " |"
+    assert rewrite_results.table(per_seed[:1], "test").splitlines()[4] == "| raw query | 0.100 | 0.500 | 1.000 |"
