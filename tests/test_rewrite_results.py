@@ -10,6 +10,7 @@ from absl import app
 
 from configs import rewrite as rewrite_configs
 from experiments import rewrite_results
+from graphgrpo_jax import config_validation, main
 
 # The recipe of the `cpu_scarce` variant, on the micro world.
 SCARCE = ("rewrite_sft.task_mix.tag=0", "rewrite_sft.labelled_fraction=0.6", "rewrite.rl_queries=unlabelled",
@@ -33,6 +34,7 @@ def _files(folder) -> dict[str, bytes]:
 
 def test_cpu_scarce_is_the_cpu_world_with_the_headline_recipe():
     cpu, scarce = rewrite_configs.get_config("cpu"), rewrite_configs.get_config("cpu_scarce")
+    config_validation.validate(scarce, stages=main.STAGES)
     assert scarce.world == cpu.world and scarce.model == cpu.model and scarce.rewrite_sft.num_steps == 1200
     assert scarce.stages.index("distill") < scarce.stages.index("rl")  # the student judge exists before GRPO
     assert (scarce.rewrite_sft.task_mix.tag, scarce.rewrite_sft.labelled_fraction) == (0.0, 0.6)
