@@ -23,9 +23,11 @@ import shutil
 import ml_collections
 import numpy as np
 from absl import app, flags
+from scipy import stats
 
 from configs import common, rewrite as rewrite_configs
 from graphgrpo_jax import main as pipeline
+from graphgrpo_jax.eval import plots
 from graphgrpo_jax.rl import rewards
 
 METRICS = ("accuracy", "recall", "relevance")
@@ -145,10 +147,41 @@ def define_flags() -> None:
                       "variant's own); `single` has no tagging task, so not with the tagger judge in r_rel.")
 
 
+def paired_table(per_seed: list[dict[str, dict]], reference: str) -> str:
+    """Each later row minus `reference`, seed by seed: mean ± std of the differences, the one-sample t-test's p
+    (runs of one seed share the world and the SFT, so paired differences are what separates methods), and
+    recall's per-seed differences."""
+    names = list(per_seed[0])
+    lines = [f"Paired differences against {reference} (mean ± std over seeds; p: one-sample t-test)", "",
+             "| | Δ accuracy | Δ recall | Δ relevance | Δ recall per seed | seeds above |", "|---|---|---|---|---|---|"]
+    for row in names[names.index(reference) + 1:]:
+        deltas = {m: np.array([r[row][m] - r[reference][m] for r in per_seed]) for m in METRICS}
+        cells = []
+        for m in METRICS:
+            d = deltas[m]
+            p = f", p = {stats.ttest_1samp(d, 0.0).pvalue:.3f}" if len(d) > 1 and d.std() > 0 else ""
+            cells.append(f"{d.mean():+.3f} ± {d.std(ddof=1) if len(d) > 1 else 0.0:.3f}{p}")
+        recall = deltas["recall"]
+        cells += [", ".join(f"{d:+.3f}" for d in recall), f"{(recall > 0).sum()} of {len(recall)}"]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_plot(per_seed: list[dict[str, dict]], path: str) -> str:
+    """Each metric per row and seed (plots.paired_by_seed), every row but the gold ceiling."""
+    rows = [row for row in per_seed[0] if row != "gold rewrite (ceiling)"]
+    return plots.paired_by_seed({m: {row: [r[row][m] for r in per_seed] for row in rows} for m in METRICS}, path)
+
+
 def main(_):
     f = flags.FLAGS
     sweep = Sweep(f.base, f.variant, tuple(f.set), tuple(f.fusions), f.grpo_from, f.split)
-    print("\n" + table([sweep.seed_rows(int(seed)) for seed in f.seeds], sweep.split))
+    per_seed = [sweep.seed_rows(int(seed)) for seed in f.seeds]
+    print("\n" + table(per_seed, sweep.split))
+    starts = ["single-task SFT"] + (["multi-task SFT"] if sweep.start_from() == "multi" else [])
+    for reference in starts:
+        print("\n" + paired_table(per_seed, reference))
+    print("\nPlot:", write_plot(per_seed, os.path.join(sweep.base, "plots", f"by_seed_{sweep.split}.png")))
 
 
 if __name__ == "__main__":

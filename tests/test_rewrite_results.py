@@ -11,6 +11,7 @@ from absl import app
 from configs import rewrite as rewrite_configs
 from experiments import rewrite_results
 from graphgrpo_jax import config_validation, main
+from graphgrpo_jax.eval import plots
 
 # The recipe of the `cpu_scarce` variant, on the micro world.
 SCARCE = ("rewrite_sft.task_mix.tag=0", "rewrite_sft.labelled_fraction=0.6", "rewrite.rl_queries=unlabelled",
@@ -76,11 +77,16 @@ def test_scarce_sweep_starts_grpo_from_single_task_sft_with_one_student(tmp_path
     assert stamps == {p: os.path.getmtime(p) for p in stamps}
 
 
-def test_table_is_mean_and_sample_std_over_seeds():
-    def reports(acc, rec, rel):
-        return {"raw query": {"accuracy": acc, "recall": rec, "relevance": rel, "k": 10, "num_examples": 256}}
+def _reports(acc, rec, rel, **rows):
+    """One seed's rows: the raw query with these metrics, then `rows` as offsets from it."""
+    out = {"raw query": {"accuracy": acc, "recall": rec, "relevance": rel, "k": 10, "num_examples": 256}}
+    for name, (da, dr, dl) in rows.items():
+        out[name] = {"accuracy": acc + da, "recall": rec + dr, "relevance": rel + dl}
+    return out
 
-    per_seed = [reports(0.1, 0.5, 1.0), reports(0.3, 0.7, 2.0), reports(0.2, 0.9, 1.5)]
+
+def test_table_is_mean_and_sample_std_over_seeds():
+    per_seed = [_reports(0.1, 0.5, 1.0), _reports(0.3, 0.7, 2.0), _reports(0.2, 0.9, 1.5)]
     lines = rewrite_results.table(per_seed, "test").splitlines()
     assert lines[0] == "test split, 256 queries, 3 seed(s), mean ± std over seeds"
     assert lines[2] == "| | accuracy | recall@10 | relevance@10 (0-3) |"
@@ -88,3 +94,32 @@ def test_table_is_mean_and_sample_std_over_seeds():
                                                                         [1.0, 2.0, 1.5])]
     assert lines[4] == "| raw query | " + " | ".join(expected) + " |"
     assert rewrite_results.table(per_seed[:1], "test").splitlines()[4] == "| raw query | 0.100 | 0.500 | 1.000 |"
+
+
+def test_paired_table_against_the_t_distribution_with_two_degrees_of_freedom():
+    gains = [0.01, 0.03, 0.02]  # recall of "GRPO" minus "SFT", per seed
+    per_seed = [_reports(0.2, 0.6 + i / 10, 1.5, SFT=(0.0, 0.0, 0.0), GRPO=(-0.01 * i, g, 0.1))
+                for i, g in enumerate(gains)]
+    lines = rewrite_results.paired_table(per_seed, "SFT").splitlines()
+    assert len(lines) == 5 and lines[4].startswith("| GRPO | ")  # only rows after the reference
+    cells = [c.strip() for c in lines[4].strip("|").split("|")]
+    # Two-sided p of Student's t with 2 degrees of freedom, in closed form: 1 - |t| / sqrt(t^2 + 2).
+    t = np.mean(gains) / (np.std(gains, ddof=1) / np.sqrt(3))
+    assert cells[2] == f"+0.020 ± 0.010, p = {1 - abs(t) / np.sqrt(t * t + 2):.3f}"
+    assert cells[1].startswith("-0.010 ± 0.010, p = ")
+    assert cells[3] == "+0.100 ± 0.000"  # no spread: no test
+    assert cells[4:] == ["+0.010, +0.030, +0.020", "3 of 3"]
+
+
+def test_plot_has_a_panel_per_metric_and_skips_the_gold_ceiling(tmp_path, monkeypatch):
+    per_seed = [_reports(0.1, 0.5, 1.0, **{"gold rewrite (ceiling)": (0.9, 0.4, 1.9), "SFT": (0.1, 0.1, 0.1)})
+                for _ in range(2)]
+    drawn, draw = {}, plots.paired_by_seed
+    monkeypatch.setattr(rewrite_results.plots, "paired_by_seed",
+                        lambda values, path: drawn.update(values) or path)
+    rewrite_results.write_plot(per_seed, str(tmp_path / "p.png"))
+    assert list(drawn) == ["accuracy", "recall", "relevance"]
+    assert drawn["recall"] == {"raw query": [0.5, 0.5], "SFT": [0.6, 0.6]}
+    path = draw(drawn, str(tmp_path / "plots" / "by_seed.png"))
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -98,6 +98,23 @@ def node_advantage_spread(rows: Sequence[dict], nodes: Sequence[str], path: str)
     return _save(fig, path)
 
 
+def paired_by_seed(values: Mapping[str, Mapping[str, Sequence[float]]], path: str) -> str:
+    """One panel per metric ({metric: {row: [value per seed]}}): each seed's runs joined by a grey line, so a
+    paired gain shows as lines that rise; the mean over seeds in black."""
+    fig, axes = plt.subplots(1, len(values), figsize=(4.2 * len(values), 4.2), squeeze=False)
+    for ax, (metric, rows) in zip(axes[0], values.items()):
+        names = list(rows)
+        table = np.asarray([rows[name] for name in names], np.float64)  # (row, seed)
+        x = np.arange(len(names))
+        ax.plot(x, table, color="0.6", lw=0.8, marker=".")
+        ax.plot(x, table.mean(1), color="k", lw=2, marker="o", label=f"mean of {table.shape[1]} seeds")
+        ax.set_xticks(x, [name.replace(", ", ",\n") for name in names], fontsize=7, rotation=20, ha="right")
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    return _save(fig, path)
+
+
 def confusion_matrix(report: dict, path: str, title: str = "") -> str:
     """The confusion matrix of a classification report (rows gold, columns predicted + format failure)."""
     cm = report["confusion_matrix"]
