@@ -28,9 +28,11 @@ from scipy import stats
 from configs import common, rewrite as rewrite_configs
 from graphgrpo_jax import main as pipeline
 from graphgrpo_jax.eval import plots
+from graphgrpo_jax.train import metrics
 from graphgrpo_jax.rl import rewards
 
 METRICS = ("accuracy", "recall", "relevance")
+SIGNAL = ("rl/frac_reward_zero_std", "rl/entropy", "rl/reward")
 JUDGE_METRICS = ("tag_accuracy", "own_tag_accuracy", "own_p_relevant", "own_truly_relevant")
 
 
@@ -100,14 +102,27 @@ class Sweep:
                 "single-task SFT": single[f"sft/{split}"], "multi-task SFT": multi[f"sft/{split}"]}
         for fusion in self.fusions:
             rl_dir, sft_dir, label = os.path.join(base, f"grpo_{fusion}"), multi_dir, f"GRPO, reward {fusion}"
+            sft_mix = multi_mix
             if self.start_from() == "single":
                 rl_dir, sft_dir = f"{rl_dir}_from_single", single_dir
-                label = f"GRPO from single-task SFT, reward {fusion}"
+                label, sft_mix = f"GRPO from single-task SFT, reward {fusion}", {"rewrite_sft.task_mix.tag": 0.0}
             if not os.path.exists(rl_dir):  # start from this seed's SFT policy
                 shutil.copytree(sft_dir, rl_dir, ignore=shutil.ignore_patterns("rewrite_eval"))
-            report = self.run(rl_dir, seed, ("rl", "rewrite_eval"), ("rl",), **{"rewrite.fusion": fusion})
-            rows[label] = report[f"rl/{split}"]
+            # The run's config names the SFT it starts from: eval asks only a tagging SFT for tag-judge metrics.
+            report = self.run(rl_dir, seed, ("rl", "rewrite_eval"), ("rl",), **{"rewrite.fusion": fusion}, **sft_mix)
+            rows[label] = dict(report[f"rl/{split}"], signal=training_signal(rl_dir))
         return rows
+
+
+def training_signal(rl_dir: str) -> dict[str, tuple[float, float]]:
+    """{metric: (mean over the first 10% of RL steps, over the last 10%)} for what tells whether GRPO had
+    gradient to learn from: groups whose rollouts all earned one reward carry none."""
+    by_step = {row["step"]: row for row in metrics.read_jsonl(os.path.join(rl_dir, "rl", "metrics.jsonl"))
+               if "rl/reward" in row}  # a resumed run may log a step twice: the last one counts
+    rows = [by_step[step] for step in sorted(by_step)]
+    n = max(len(rows) // 10, 1)
+    return {key: (float(np.mean([r[key] for r in rows[:n]])), float(np.mean([r[key] for r in rows[-n:]])))
+            for key in SIGNAL}
 
 
 def _mean_std(values) -> str:
@@ -132,6 +147,15 @@ def table(per_seed: list[dict[str, dict]], split: str) -> str:
         for row in judged:
             lines.append(f"| {row} | " + " | ".join(_mean_std([reports[row]["judge"][m] for reports in per_seed])
                                                     for m in JUDGE_METRICS) + " |")
+    trained = [row for row in per_seed[0] if all("signal" in reports[row] for reports in per_seed)]
+    if trained:
+        lines += ["", "Training signal, first → last 10% of RL steps (mean over seeds): the share of groups with "
+                  "no reward spread (no gradient), the policy's entropy, the reward", "",
+                  "| | zero-spread groups | entropy | reward |", "|---|---|---|---|"]
+        for row in trained:
+            cells = [" → ".join(f"{np.mean([r[row]['signal'][key][end] for r in per_seed]):.3f}" for end in (0, 1))
+                     for key in SIGNAL]
+            lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -64,6 +64,9 @@ def test_scarce_sweep_starts_grpo_from_single_task_sft_with_one_student(tmp_path
                                                              "grpo_rfusion_from_single"))
     assert (single["rewrite_sft"]["task_mix"]["tag"], multi["rewrite_sft"]["task_mix"]["tag"]) == (0.0, 1.0)
     assert grpo["rewrite"]["student_workdir"] == str(tmp_path / "student")
+    assert grpo["rewrite_sft"]["task_mix"]["tag"] == 0.0  # its SFT: no tagging task, so no tag-judge metrics
+    assert "judge" in rows["multi-task SFT"] and "judge" not in rows["GRPO from single-task SFT, reward rfusion"]
+    assert "retrieval_judge" in rows["GRPO from single-task SFT, reward rfusion"]
     assert (grpo["rl"]["temperature"], grpo["stages"]) == (1.5, ["rl", "rewrite_eval"])
     # GRPO started from the single-task SFT's checkpoints, copied unchanged.
     copied, source = _files(seed / "grpo_rfusion_from_single" / "sft"), _files(seed / "single_task_sft" / "sft")
@@ -123,3 +126,23 @@ def test_plot_has_a_panel_per_metric_and_skips_the_gold_ceiling(tmp_path, monkey
     path = draw(drawn, str(tmp_path / "plots" / "by_seed.png"))
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_signal_is_the_first_and_last_tenth_of_the_logged_steps(tmp_path):
+    os.makedirs(tmp_path / "rl")
+    logged = [{"step": k, "rl/frac_reward_zero_std": k / 100, "rl/entropy": 1 - k / 100, "rl/reward": k / 10}
+              for k in range(1, 21)]
+    resumed = dict(logged[-1], **{"rl/reward": 9.0})  # step 20 logged again after a resume: the last counts
+    with open(tmp_path / "rl" / "metrics.jsonl", "w") as f:
+        for row in logged[:-1] + [logged[-1], {"step": 20, "time/eval_s": 1.0}, resumed]:
+            f.write(json.dumps(row) + "\n")
+    signal = rewrite_results.training_signal(str(tmp_path))
+    assert signal["rl/frac_reward_zero_std"] == pytest.approx((0.015, 0.195))  # steps 1-2, steps 19-20
+    assert signal["rl/entropy"] == pytest.approx((0.985, 0.805))
+    assert signal["rl/reward"] == pytest.approx((0.15, (1.9 + 9.0) / 2))
+
+    per_seed = [_reports(0.1, 0.5, 1.0, GRPO=(0.0, 0.1, 0.0)) for _ in range(2)]
+    for reports, spread in zip(per_seed, (0.5, 0.7)):
+        reports["GRPO"]["signal"] = dict(signal, **{"rl/frac_reward_zero_std": (spread, spread + 0.1)})
+    lines = rewrite_results.table(per_seed, "test").splitlines()
+    assert lines[-1] == "| GRPO | 0.600 → 0.700 | 0.985 → 0.805 | 0.150 → 5.450 |"
