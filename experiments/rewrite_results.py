@@ -194,7 +194,10 @@ def paired_table(per_seed: list[dict[str, dict]], reference: str) -> str:
 def write_plot(per_seed: list[dict[str, dict]], path: str) -> str:
     """Each metric per row and seed (plots.paired_by_seed), every row but the gold ceiling."""
     rows = [row for row in per_seed[0] if row != "gold rewrite (ceiling)"]
-    return plots.paired_by_seed({m: {row: [r[row][m] for r in per_seed] for row in rows} for m in METRICS}, path)
+    k = per_seed[0]["raw query"]["k"]
+    titles = {"accuracy": "accuracy", "recall": f"recall@{k}", "relevance": f"relevance@{k} (0-3)"}
+    return plots.paired_by_seed({titles[m]: {row: [r[row][m] for r in per_seed] for row in rows} for m in METRICS},
+                                path)
 
 
 def main(_):

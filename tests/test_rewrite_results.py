@@ -121,8 +121,8 @@ def test_plot_has_a_panel_per_metric_and_skips_the_gold_ceiling(tmp_path, monkey
     monkeypatch.setattr(rewrite_results.plots, "paired_by_seed",
                         lambda values, path: drawn.update(values) or path)
     rewrite_results.write_plot(per_seed, str(tmp_path / "p.png"))
-    assert list(drawn) == ["accuracy", "recall", "relevance"]
-    assert drawn["recall"] == {"raw query": [0.5, 0.5], "SFT": [0.6, 0.6]}
+    assert list(drawn) == ["accuracy", "recall@10", "relevance@10 (0-3)"]
+    assert drawn["recall@10"] == {"raw query": [0.5, 0.5], "SFT": [0.6, 0.6]}
     path = draw(drawn, str(tmp_path / "plots" / "by_seed.png"))
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
