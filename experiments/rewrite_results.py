@@ -183,12 +183,17 @@ def paired_table(per_seed: list[dict[str, dict]], reference: str) -> str:
         cells = []
         for m in METRICS:
             d = deltas[m]
-            p = f", p = {stats.ttest_1samp(d, 0.0).pvalue:.3f}" if len(d) > 1 and d.std() > 0 else ""
+            p = f", p = {_p_value(d)}" if len(d) > 1 and d.std() > 0 else ""
             cells.append(f"{d.mean():+.3f} ± {d.std(ddof=1) if len(d) > 1 else 0.0:.3f}{p}")
         recall = deltas["recall"]
         cells += [", ".join(f"{d:+.3f}" for d in recall), f"{(recall > 0).sum()} of {len(recall)}"]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _p_value(differences: np.ndarray) -> str:
+    p = stats.ttest_1samp(differences, 0.0).pvalue
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
 
 
 def write_plot(per_seed: list[dict[str, dict]], path: str) -> str:

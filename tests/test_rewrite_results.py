@@ -112,6 +112,10 @@ def test_paired_table_against_the_t_distribution_with_two_degrees_of_freedom():
     assert cells[1].startswith("-0.010 ± 0.010, p = ")
     assert cells[3] == "+0.100 ± 0.000"  # no spread: no test
     assert cells[4:] == ["+0.010, +0.030, +0.020", "3 of 3"]
+    tight = [_reports(0.2, 0.6, 1.5, SFT=(0.0, 0.0, 0.0), GRPO=(0.0, 0.1 + 1e-4 * i, 0.0)) for i in range(3)]
+    t = 0.1001 / (1e-4 / np.sqrt(3))  # std of the differences: 1e-4
+    p = 1 - t / np.sqrt(t * t + 2)
+    assert f"± 0.000, p = {p:.1e} |" in rewrite_results.paired_table(tight, "SFT").splitlines()[4]
 
 
 def test_plot_has_a_panel_per_metric_and_skips_the_gold_ceiling(tmp_path, monkeypatch):
