@@ -28,8 +28,8 @@ from scipy import stats
 from configs import common, rewrite as rewrite_configs
 from graphgrpo_jax import main as pipeline
 from graphgrpo_jax.eval import plots
-from graphgrpo_jax.train import metrics
 from graphgrpo_jax.rl import rewards
+from graphgrpo_jax.train import metrics
 
 METRICS = ("accuracy", "recall", "relevance")
 SIGNAL = ("rl/frac_reward_zero_std", "rl/entropy", "rl/reward")
@@ -106,8 +106,10 @@ class Sweep:
             if self.start_from() == "single":
                 rl_dir, sft_dir = f"{rl_dir}_from_single", single_dir
                 label, sft_mix = f"GRPO from single-task SFT, reward {fusion}", {"rewrite_sft.task_mix.tag": 0.0}
-            if not os.path.exists(rl_dir):  # start from this seed's SFT policy
-                shutil.copytree(sft_dir, rl_dir, ignore=shutil.ignore_patterns("rewrite_eval"))
+            if not os.path.exists(rl_dir):  # start from this seed's SFT policy; a half-done copy never counts
+                shutil.rmtree(f"{rl_dir}.tmp", ignore_errors=True)
+                shutil.copytree(sft_dir, f"{rl_dir}.tmp", ignore=shutil.ignore_patterns("rewrite_eval"))
+                os.replace(f"{rl_dir}.tmp", rl_dir)
             # The run's config names the SFT it starts from: eval asks only a tagging SFT for tag-judge metrics.
             report = self.run(rl_dir, seed, ("rl", "rewrite_eval"), ("rl",), **{"rewrite.fusion": fusion}, **sft_mix)
             rows[label] = dict(report[f"rl/{split}"], signal=training_signal(rl_dir))

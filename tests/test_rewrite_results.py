@@ -58,7 +58,7 @@ def test_scarce_sweep_starts_grpo_from_single_task_sft_with_one_student(tmp_path
     assert list(rows) == ["raw query", "gold rewrite (ceiling)", "single-task SFT", "multi-task SFT",
                           "GRPO from single-task SFT, reward rfusion"]
     seed = tmp_path / "seed0"
-    assert sorted(os.listdir(tmp_path)) == ["seed0", "student"]
+    assert sorted(os.listdir(tmp_path)) == ["seed0", "student"] and not list(seed.glob("*.tmp"))
     assert (tmp_path / "student" / "distill" / "report.json").exists()
     single, multi, grpo = (_config(seed / name) for name in ("single_task_sft", "multi_task_sft",
                                                              "grpo_rfusion_from_single"))
