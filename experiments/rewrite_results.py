@@ -59,9 +59,10 @@ class Sweep:
 
     def check(self) -> None:
         """Fails before any training where GRPO from single-task SFT would need its (absent) tagging task."""
-        tagger = self.config().rewrite.judge == "tagger"
+        if self.start_from() != "single" or self.config().rewrite.judge != "tagger":
+            return
         for fusion in self.fusions:
-            if self.start_from() == "single" and tagger and "rel" in rewards.FUSION_INPUTS[fusion]:
+            if "rel" in rewards.FUSION_INPUTS[fusion]:
                 raise app.UsageError(f"GRPO from single-task SFT: fusion {fusion!r} reads r_rel from the tagger "
                                      "judge, the multi-task SFT's tagging task (set rewrite.judge to another judge)")
 
@@ -100,10 +101,11 @@ class Sweep:
         multi = self.run(multi_dir, seed, sft_stages, ("sft",), **multi_mix)
         rows = {"raw query": multi[f"raw/{split}"], "gold rewrite (ceiling)": multi[f"gold/{split}"],
                 "single-task SFT": single[f"sft/{split}"], "multi-task SFT": multi[f"sft/{split}"]}
+        from_single = self.start_from() == "single"
         for fusion in self.fusions:
             rl_dir, sft_dir, label = os.path.join(base, f"grpo_{fusion}"), multi_dir, f"GRPO, reward {fusion}"
             sft_mix = multi_mix
-            if self.start_from() == "single":
+            if from_single:
                 rl_dir, sft_dir = f"{rl_dir}_from_single", single_dir
                 label, sft_mix = f"GRPO from single-task SFT, reward {fusion}", {"rewrite_sft.task_mix.tag": 0.0}
             if not os.path.exists(rl_dir):  # start from this seed's SFT policy; a half-done copy never counts
