@@ -52,10 +52,12 @@ class Sweep:
         config.update_from_flattened_dict(overrides)
         return config
 
-    def start_from(self) -> str:
-        if self.grpo_from:
-            return self.grpo_from
+    def own_sft(self) -> str:
+        """The SFT the variant's own pipeline trains: "multi" when its mix holds the tagging task."""
         return "multi" if self.config().rewrite_sft.task_mix.tag > 0 else "single"
+
+    def start_from(self) -> str:
+        return self.grpo_from or self.own_sft()
 
     def check(self) -> None:
         """Fails before any training where GRPO from single-task SFT would need its (absent) tagging task."""
@@ -97,7 +99,7 @@ class Sweep:
         sft_stages = ("data", "index", "rewrite_sft", "rewrite_eval")
         single_dir, multi_dir = os.path.join(base, "single_task_sft"), os.path.join(base, "multi_task_sft")
         single = self.run(single_dir, seed, sft_stages, ("sft",), **{"rewrite_sft.task_mix.tag": 0.0})
-        multi_mix = {} if self.config().rewrite_sft.task_mix.tag > 0 else {"rewrite_sft.task_mix.tag": 1.0}
+        multi_mix = {} if self.own_sft() == "multi" else {"rewrite_sft.task_mix.tag": 1.0}
         multi = self.run(multi_dir, seed, sft_stages, ("sft",), **multi_mix)
         rows = {"raw query": multi[f"raw/{split}"], "gold rewrite (ceiling)": multi[f"gold/{split}"],
                 "single-task SFT": single[f"sft/{split}"], "multi-task SFT": multi[f"sft/{split}"]}
