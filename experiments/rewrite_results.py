@@ -103,20 +103,20 @@ class Sweep:
         multi = self.run(multi_dir, seed, sft_stages, ("sft",), **multi_mix)
         rows = {"raw query": multi[f"raw/{split}"], "gold rewrite (ceiling)": multi[f"gold/{split}"],
                 "single-task SFT": single[f"sft/{split}"], "multi-task SFT": multi[f"sft/{split}"]}
-        from_single = self.start_from() == "single"
+        if self.start_from() == "single":
+            sft_dir, sft_mix, suffix, label = (single_dir, {"rewrite_sft.task_mix.tag": 0.0}, "_from_single",
+                                               "GRPO from single-task SFT, reward {}")
+        else:
+            sft_dir, sft_mix, suffix, label = multi_dir, multi_mix, "", "GRPO, reward {}"
         for fusion in self.fusions:
-            rl_dir, sft_dir, label = os.path.join(base, f"grpo_{fusion}"), multi_dir, f"GRPO, reward {fusion}"
-            sft_mix = multi_mix
-            if from_single:
-                rl_dir, sft_dir = f"{rl_dir}_from_single", single_dir
-                label, sft_mix = f"GRPO from single-task SFT, reward {fusion}", {"rewrite_sft.task_mix.tag": 0.0}
+            rl_dir = os.path.join(base, f"grpo_{fusion}{suffix}")
             if not os.path.exists(rl_dir):  # start from this seed's SFT policy; a half-done copy never counts
                 shutil.rmtree(f"{rl_dir}.tmp", ignore_errors=True)
                 shutil.copytree(sft_dir, f"{rl_dir}.tmp", ignore=shutil.ignore_patterns("rewrite_eval"))
                 os.replace(f"{rl_dir}.tmp", rl_dir)
             # The run's config names the SFT it starts from: eval asks only a tagging SFT for tag-judge metrics.
             report = self.run(rl_dir, seed, ("rl", "rewrite_eval"), ("rl",), **{"rewrite.fusion": fusion}, **sft_mix)
-            rows[label] = dict(report[f"rl/{split}"], signal=training_signal(rl_dir))
+            rows[label.format(fusion)] = dict(report[f"rl/{split}"], signal=training_signal(rl_dir))
         return rows
 
 
