@@ -15,10 +15,9 @@ credit setting is `--config.credit.norm=node --config.credit.kappa=1` with φ = 
 
 import ml_collections
 
-from configs import common
+from configs import common, defaults
 from graphgrpo_jax.graph import controller, credit, spec
 from graphgrpo_jax.rl import grpo
-from graphgrpo_jax.train import distill
 
 
 def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
@@ -64,7 +63,7 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
 
     # Graph-node multi-head distillation into MiniLM-L6 (METHOD.md A5); not in the default stages yet:
     # add "distill" to config.stages (about 10 minutes of CPU).
-    config.distill = distill.default_distill_config()
+    config.distill = defaults.distill()
 
     config.eval = ml_collections.ConfigDict(dict(
         policies=("sft", "rl"), splits=("test", "ood"), max_examples=256, batch_size=64,

@@ -2,7 +2,7 @@ r"""Relevance experiments at scale: Qwen2.5-1.5B-Instruct on one 8-GPU host or a
 
 The pipeline, stages and methods are those of `configs/relevance.py` (its `cpu` variant); this file
 changes the model (a Hugging Face checkpoint, bf16 compute over fp32 master weights, rematerialised
-layers), the device mesh, and the batch and sequence sizes. Sharding: see `graphgrpo_jax/train/mesh.py`
+layers), the device mesh, and the batch and sequence sizes. Sharding: see `graphgrpo_jax/mesh.py`
 (vocab, heads and MLP over `tensor`, embeddings over `fsdp`, batches over `data` x `fsdp`).
 `tests/test_pod_variant.py` runs the `gpu8` variant end to end on a tiny local checkpoint folder.
 

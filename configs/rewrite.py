@@ -37,10 +37,9 @@ Ablations are overrides:
 import ml_collections
 from ml_collections import config_dict
 
-from configs import common
+from configs import common, defaults
 from graphgrpo_jax.graph import controller, credit
-from graphgrpo_jax.rl import grpo, rewrite_task
-from graphgrpo_jax.train import distill
+from graphgrpo_jax.rl import grpo
 
 
 def one_node_graph() -> ml_collections.ConfigDict:
@@ -96,12 +95,12 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
     config.rl_optim = ml_collections.ConfigDict(dict(
         learning_rate=3e-4, warmup_steps=0, schedule="constant", grad_clip=1.0, weight_decay=0.0,
         microbatches=4))
-    config.rewrite = rewrite_task.default_rewrite_config()
+    config.rewrite = defaults.rewrite()
 
     # The relevance student behind `rewrite.judge = "student"`: MiniLM-L6 with y/ms/ma heads, trained by the
     # `distill` stage on the world's judged (query, product) pairs and their gold node values (there is no
     # relevance policy here to distil from). 500 steps: at 150 the student is still far from converged.
-    config.distill = distill.default_distill_config()
+    config.distill = defaults.distill()
     config.distill.update(teacher="gold", num_steps=500, log_every=50)
 
     config.rewrite_eval = ml_collections.ConfigDict(dict(

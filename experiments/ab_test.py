@@ -21,13 +21,14 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from configs import defaults
 from graphgrpo_jax.data import cot, prepare
 from graphgrpo_jax.eval import rewrite as rewrite_eval
 from graphgrpo_jax.models import decoder, encoder
-from graphgrpo_jax.rl.rewrite_task import index_dir
 from graphgrpo_jax.search import ab, pipeline, serving
 from graphgrpo_jax.search.engine import SearchEngine
-from graphgrpo_jax.train import checkpointing, distill, loop, rl
+from graphgrpo_jax import artifacts, checkpointing
+from graphgrpo_jax.train import distill
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/ab_test.py", "A/B config (path[:variant]).",
                                           lock_config=True)
@@ -53,8 +54,8 @@ def rewriters(config: ml_collections.ConfigDict, rewrite_config: ml_collections.
                                                "gold": lambda texts: [gold[text] for text in texts]}
     for stage in names & {"sft", "rl"}:
         available[stage] = functools.partial(
-            rewrite_eval.generate_rewrites, rl.restore_policy(rewrite_config, workdir, stage),
-            decoder.DecoderConfig.from_config(rewrite_config.model), prepare.load_tokenizer(rewrite_config, workdir),
+            rewrite_eval.generate_rewrites, artifacts.policy_params(rewrite_config, workdir, stage),
+            decoder.DecoderConfig.from_config(rewrite_config.model), artifacts.load_tokenizer(rewrite_config, workdir),
             max_prompt_len=rewrite_config.data.max_prompt_len, max_new_tokens=rewrite_config.data.max_response_len,
             batch_size=config.rewrite_batch_size)
     return available
@@ -69,7 +70,7 @@ def student_heads(relevance_workdir: str, cfg: ml_collections.ConfigDict) -> tup
 def student_config(relevance_config: ml_collections.ConfigDict, relevance_workdir: str,
                    cfg: ml_collections.ConfigDict):
     """The relevance run's `distill` section (defaults where the run predates it) for student `cfg.run_name`."""
-    distill_cfg = relevance_config.get("distill") or distill.default_distill_config()
+    distill_cfg = relevance_config.get("distill") or defaults.distill()
     distill_cfg = ml_collections.ConfigDict(distill_cfg.to_dict())
     distill_cfg.update(run_name=cfg.run_name, heads=student_heads(relevance_workdir, cfg))
     relevance_config = ml_collections.ConfigDict(relevance_config.to_dict())
@@ -82,7 +83,7 @@ def exported_student(config: ml_collections.ConfigDict, relevance_config: ml_col
     """`<workdir>/serving/<run_name>`, exported from the run's newest student checkpoint unless already there."""
     cfg = config.student
     relevance_config = student_config(relevance_config, relevance_workdir, cfg)
-    with checkpointing.Checkpointer(loop.checkpoint_dir(relevance_workdir, cfg.run_name)) as ckpt:
+    with checkpointing.Checkpointer(artifacts.checkpoint_dir(relevance_workdir, cfg.run_name)) as ckpt:
         steps = ckpt.all_steps()
     if not steps:
         raise FileNotFoundError(f"no student checkpoint '{cfg.run_name}' in {relevance_workdir}: run its distill stage")
@@ -90,14 +91,14 @@ def exported_student(config: ml_collections.ConfigDict, relevance_config: ml_col
     directory = pathlib.Path(workdir) / "serving" / cfg.run_name
     if (directory / serving.META_FILE).is_file() and serving.read_meta(directory)["source"] == source:
         return directory
-    encoder_config = distill.student_config()
-    params = distill.restore_student(relevance_config, relevance_workdir)
+    encoder_config = artifacts.student_config()
+    params = artifacts.student_params(relevance_config, relevance_workdir)
     max_length = relevance_config.distill.max_length
     logging.info("exporting student %s (step %d) to %s", cfg.run_name, max(steps), directory)
     return serving.export_cross_encoder(
         directory, lambda p, *inputs: encoder.node_logits(p, encoder_config, *inputs), params,
         encoder.load_pair_tokenizer(encoder.minilm_folder()),
-        {node: distill.NODE_VALUES[node] for node in relevance_config.distill.heads}, max_length,
+        {node: artifacts.STUDENT_NODE_VALUES[node] for node in relevance_config.distill.heads}, max_length,
         platforms=tuple(cfg.platforms), source=source, overwrite=True)
 
 
@@ -124,8 +125,8 @@ def scorers(config: ml_collections.ConfigDict, relevance_workdir: str | None, wo
     if "policy" in names:
         policy_config = student_config(relevance_config, relevance_workdir, config.student)
         policy_config.distill.teacher = "forced"
-        params = rl.restore_policy(policy_config, relevance_workdir, policy_config.distill.policy)
-        tokenizer = prepare.load_tokenizer(policy_config, relevance_workdir)
+        params = artifacts.policy_params(policy_config, relevance_workdir, policy_config.distill.policy)
+        tokenizer = artifacts.load_tokenizer(policy_config, relevance_workdir)
         available["policy"] = lambda queries, titles: distill.policy_teacher(
             params, policy_config, tokenizer, queries, titles)[cot.LABEL_NODE]
     return available
@@ -137,7 +138,7 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     rewrite_config = run_config(_REWRITE_WORKDIR.value)
     world = prepare.load_world(rewrite_config)
-    engine = SearchEngine.open(index_dir(_REWRITE_WORKDIR.value))
+    engine = SearchEngine.open(artifacts.index_dir(_REWRITE_WORKDIR.value))
     arms = {name: pipeline.ArmSpec.from_mapping(name, values) for name, values in config.arms.items()}
     used = {name for text in config.comparisons for name in ab.parse_comparison(text, arms)}
     logging.info("JAX %s on %s; arms %s", jax.__version__, jax.devices(), sorted(used))

@@ -25,10 +25,9 @@ import numpy as np
 from absl import app, flags, logging
 
 from configs import common, relevance
-from graphgrpo_jax import main as main_lib
+from graphgrpo_jax import main as main_lib, metrics
 from graphgrpo_jax.eval import plots, report
 from graphgrpo_jax.graph import credit
-from graphgrpo_jax.train import metrics
 
 _BASE = flags.DEFINE_string("base", "runs/ablation", "Folder of the ablation (shared SFT + one folder per run).")
 _PHASE = flags.DEFINE_enum("phase", "sweep", ["sweep", "seeds", "table"], "What to run.")

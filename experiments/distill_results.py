@@ -28,10 +28,12 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
+from configs import defaults
+from graphgrpo_jax import artifacts
 from graphgrpo_jax.data import cot, esci, prepare
 from graphgrpo_jax.eval import classification, relevance, student
 from graphgrpo_jax.models import decoder, encoder
-from graphgrpo_jax.train import distill, rl
+from graphgrpo_jax.train import distill
 
 _DEFAULT_ESCI = pathlib.Path(__file__).resolve().parents[2] / "shared/data/esci-graded-subset/esci_pairs.jsonl"
 
@@ -58,7 +60,7 @@ def _config(workdir: str) -> ml_collections.ConfigDict:
     """The run's own config (what `graphgrpo_jax.main` wrote; importing main would define its flags)."""
     config = ml_collections.ConfigDict(json.loads((pathlib.Path(workdir) / "config.json").read_text()))
     if "distill" not in config:
-        config.distill = distill.default_distill_config()
+        config.distill = defaults.distill()
     if _NUM_STEPS.value is not None:
         config.distill.num_steps = _NUM_STEPS.value
     config.distill.esci_path = _ESCI.value
@@ -100,8 +102,8 @@ def student_configs(config: ml_collections.ConfigDict) -> dict[str, list[ml_coll
 def teacher_rows(config, workdir: str, world, esci_data):
     """Greedy judgements of the teacher LLM: its synthetic-test row (with node accuracy read from the
     generated chains) and its ESCI report."""
-    params = rl.restore_policy(config, workdir, config.distill.policy)
-    tokenizer = prepare.load_tokenizer(config, workdir)
+    params = artifacts.policy_params(config, workdir, config.distill.policy)
+    tokenizer = artifacts.load_tokenizer(config, workdir)
     pairs = world.split_pairs("test")
     preds, probs, texts = relevance.judge(params, config, tokenizer, [p.query for p in pairs],
                                           [p.product_title for p in pairs], config.eval.batch_size)
@@ -169,14 +171,14 @@ def main(_):
 
     pairs = world.split_pairs("test")
     queries, titles = [p.query for p in pairs], [p.product_title for p in pairs]
-    encoder_config = distill.student_config()
-    student_params = distill.restore_student(next(iter(configs.values()))[0], workdir)
+    encoder_config = artifacts.student_config()
+    student_params = artifacts.student_params(next(iter(configs.values()))[0], workdir)
     student_timing = student.seconds_per_pair(
         student.student_runner(student_params, encoder_config, encoder.load_pair_tokenizer(encoder.minilm_folder()),
                                queries, titles, config.distill.max_length), repeats=_REPEATS.value)
     policy_timing = student.seconds_per_pair(
         student.policy_runner(policy_params, decoder.DecoderConfig.from_config(config.model),
-                              prepare.load_tokenizer(config, workdir), queries, titles,
+                              artifacts.load_tokenizer(config, workdir), queries, titles,
                               max_prompt_len=config.data.max_prompt_len,
                               max_response_len=config.data.max_response_len), repeats=_REPEATS.value)
     print("\n### Latency per pair on this CPU (tokenization included; median of "

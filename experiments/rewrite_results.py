@@ -26,10 +26,9 @@ from absl import app, flags
 from scipy import stats
 
 from configs import common, rewrite as rewrite_configs
-from graphgrpo_jax import main as pipeline
+from graphgrpo_jax import main as pipeline, metrics
 from graphgrpo_jax.eval import plots
 from graphgrpo_jax.rl import rewards
-from graphgrpo_jax.train import metrics
 
 METRICS = ("accuracy", "recall", "relevance")
 SIGNAL = ("rl/frac_reward_zero_std", "rl/entropy", "rl/reward")

@@ -4,7 +4,7 @@ Overrides go on the command line (`--config.rl.group_size=16`). The config is va
 written to `<workdir>/config.json`, and its `stages` run in order. Stages talk to each other only through
 the workdir (tokenizer folder, checkpoints, reports), so a re-run resumes where the last one stopped.
 Every stage places its arrays on the device mesh of `config.mesh` (default `single`: one device); a
-multi-host run joins its job here, before any stage runs (`train/mesh.py`).
+multi-host run joins its job here, before any stage runs (`mesh.py`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from graphgrpo_jax import config_validation
-from graphgrpo_jax.train import mesh as mesh_lib
+from graphgrpo_jax import config_validation, mesh as mesh_lib
 
 # Stage name -> "module:function"; each function takes (config, workdir). Imported lazily so a config
 # that runs one stage does not pay for the imports of the others.
@@ -44,7 +43,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Validates `config` and runs its stages in `workdir` (the library entry point; main() wraps it)."""
     config_validation.validate(config, stages=STAGES)
-    # Before anything touches a device: a multi-host job must be joined first (see train/mesh.py).
+    # Before anything touches a device: a multi-host job must be joined first (see mesh.py).
     mesh_lib.maybe_initialize_distributed(config.get("mesh"))
     os.makedirs(workdir, exist_ok=True)
     logging.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(),

@@ -24,11 +24,11 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from graphgrpo_jax import sampling
+from graphgrpo_jax import checkpointing, mesh as mesh_lib, sampling
 from graphgrpo_jax.graph import controller as controller_lib, credit as credit_lib, spec as spec_lib
 from graphgrpo_jax.models import decoder
 from graphgrpo_jax.rl import grpo
-from graphgrpo_jax.train import checkpointing, mesh as mesh_lib, rl, state as state_lib
+from graphgrpo_jax.train import rl, state as state_lib
 
 MODEL = decoder.DecoderConfig(arch="qwen2", vocab_size=128, hidden_size=32, num_layers=1, num_heads=4,
                               num_kv_heads=2, head_dim=8, mlp_dim=64, qkv_bias=True, max_seq_len=32)

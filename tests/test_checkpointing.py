@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from graphgrpo_jax.train import checkpointing
+from graphgrpo_jax import checkpointing
 
 
 def _state(seed: int) -> dict:
@@ -102,3 +102,22 @@ def test_asking_for_another_state_fails_and_keeps_the_checkpoint(tmp_path):
             ckpt.restore_latest(other)
         assert ckpt.all_steps() == [3]
         _assert_identical(ckpt.restore_latest(state).state, state)
+
+
+def test_partial_restore_reads_only_the_params(tmp_path):
+    """Readers of a finished stage (artifacts.policy_params) restore params without rebuilding the optimizer."""
+    state = _state(2)
+    with checkpointing.Checkpointer(str(tmp_path)) as ckpt:
+        ckpt.save(5, state, force=True)
+        ckpt.wait()
+    like = {"params": jax.eval_shape(lambda: state["params"])}
+    with checkpointing.Checkpointer(str(tmp_path)) as ckpt:
+        restored = ckpt.restore_latest(like, partial=True)
+    assert restored.step == 5 and set(restored.state) == {"params"}
+    _assert_identical(restored.state["params"], state["params"])
+    # Asking for a subtree that was never stored is a named error, and the step is kept.
+    with checkpointing.Checkpointer(str(tmp_path)) as ckpt:
+        with pytest.raises(ValueError, match="not stored: params/extra"):
+            ckpt.restore_latest({"params": {**like["params"], "extra": jax.ShapeDtypeStruct((2,), jnp.float32)}},
+                                partial=True)
+        assert ckpt.all_steps() == [5]

@@ -8,11 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import relevance
+from configs import defaults, relevance
 from graphgrpo_jax.data import batching, cot, esci, prepare
 from graphgrpo_jax.eval import relevance as relevance_eval, student as student_eval
 from graphgrpo_jax.models import decoder, encoder
-from graphgrpo_jax.train import distill, evaluate, metrics
+from graphgrpo_jax import artifacts, metrics
+from graphgrpo_jax.train import distill, evaluate
 
 HEADS = ("y", "ms", "ma")
 loss_fn = jax.jit(distill.distillation_loss, static_argnums=4)  # eager dispatch of each op is slower
@@ -22,7 +23,7 @@ def _config(**distill_overrides):
     config = relevance.get_config("micro")
     config.checkpoint.save_every = 0  # a MiniLM state is ~270 MB: save at the end only
     config.eval.batch_size = 24  # the policy's batch (teacher and judge): all 24 test pairs at once
-    config.distill = distill.default_distill_config()
+    config.distill = defaults.distill()
     config.distill.update(max_length=32, batch_size=16, num_steps=12, log_every=6)
     config.distill.optim.update(learning_rate=1e-4, warmup_steps=0, schedule="constant")
     config.distill.update(**distill_overrides)
@@ -54,7 +55,7 @@ def _reference_loss(logits, teacher, has_teacher, gold_y, heads, weights, t, ce_
 
 def test_loss_matches_numpy_reference():
     rng = np.random.default_rng(0)
-    sizes = {node: len(distill.NODE_VALUES[node]) for node in HEADS}
+    sizes = {node: len(artifacts.STUDENT_NODE_VALUES[node]) for node in HEADS}
     logits = {node: rng.normal(size=(5, c)) * 2 for node, c in sizes.items()}
     teacher = {node: rng.dirichlet(np.ones(c), size=5) for node, c in sizes.items()}
     teacher["ms"][1] = [0.0, 0.7, 0.3, 0.0]  # zeros: 0·log 0 = 0
@@ -95,13 +96,13 @@ def test_sampled_frequencies_hand_worked():
               "<ms>match</ms>",  # malformed, but it still wrote ms
               "<ms>bogus</ms><y>Irrelevant</y>"],  # ms not an allowed value
              ["no tags at all"]]
-    probs = distill.sampled_value_probabilities(texts, distill.NODE_VALUES, smoothing=0.5)
+    probs = distill.sampled_value_probabilities(texts, artifacts.STUDENT_NODE_VALUES, smoothing=0.5)
     np.testing.assert_allclose(probs["ms"][0], np.array([2.5, 0.5, 0.5, 0.5]) / 4)
     np.testing.assert_allclose(probs["ma"][0], np.array([0.5, 1.5, 0.5]) / 2.5)
     np.testing.assert_allclose(probs["y"][0], np.array([1.5, 0.5, 0.5, 1.5]) / 4)
-    for node, values in distill.NODE_VALUES.items():
+    for node, values in artifacts.STUDENT_NODE_VALUES.items():
         np.testing.assert_allclose(probs[node][1], np.full(len(values), 1 / len(values)))
-    unsmoothed = distill.sampled_value_probabilities(texts, distill.NODE_VALUES, smoothing=0.0)
+    unsmoothed = distill.sampled_value_probabilities(texts, artifacts.STUDENT_NODE_VALUES, smoothing=0.0)
     np.testing.assert_allclose(unsmoothed["ms"][0], [1, 0, 0, 0])
     np.testing.assert_allclose(unsmoothed["ms"][1], [0.25] * 4)  # nothing written: uniform
 
@@ -113,7 +114,7 @@ def test_gold_teacher_is_the_worlds_node_values_one_hot(tmp_path):
     teacher = distill.ensure_teacher(config, str(tmp_path), world)
     for split in distill.TEACHER_SPLITS:
         pairs = world.split_pairs(split)
-        for node, values in distill.NODE_VALUES.items():
+        for node, values in artifacts.STUDENT_NODE_VALUES.items():
             probs = teacher[split][node]
             assert probs.shape == (len(pairs), len(values))
             np.testing.assert_array_equal(probs.sum(1), 1.0)
@@ -135,7 +136,7 @@ def policy(tmp_path_factory):
     config = _config()
     prepare.run(config, str(workdir))
     params = decoder.init_params(decoder.DecoderConfig.from_config(config.model), jax.random.PRNGKey(0))
-    return config, params, prepare.load_tokenizer(config, str(workdir))
+    return config, params, artifacts.load_tokenizer(config, str(workdir))
 
 
 def test_forced_teacher_matches_the_eval_path_and_a_direct_score(policy):
@@ -143,7 +144,7 @@ def test_forced_teacher_matches_the_eval_path_and_a_direct_score(policy):
     pairs = prepare.load_world(config).split_pairs("test")
     queries, titles = [p.query for p in pairs], [p.product_title for p in pairs]
     teacher = distill.policy_teacher(params, config, tokenizer, queries, titles)
-    for node, values in distill.NODE_VALUES.items():
+    for node, values in artifacts.STUDENT_NODE_VALUES.items():
         assert teacher[node].shape == (len(pairs), len(values))
 
     # y: the eval stage's greedy judge scores the labels the same way.
@@ -162,7 +163,7 @@ def test_forced_teacher_matches_the_eval_path_and_a_direct_score(policy):
     for node in ("ms", "ma"):
         open_id, close_id = tokenizer.convert_tokens_to_ids([f"<{node}>", f"</{node}>"])
         prefix = response[:response.index(open_id)] if open_id in response else response
-        for value in distill.NODE_VALUES[node]:
+        for value in artifacts.STUDENT_NODE_VALUES[node]:
             value_ids = tokenizer(value, add_special_tokens=False)["input_ids"]
             sequences.append(prompt + (prefix + [open_id, *value_ids, close_id])[-config.data.max_response_len:])
             scored.append(len(value_ids) + 1)
@@ -185,7 +186,7 @@ def _gold_teacher(world, sharpness: float = 0.7) -> distill.Teacher:
     for split in distill.TEACHER_SPLITS:
         pairs = world.split_pairs(split)
         teacher[split] = {}
-        for node, values in distill.NODE_VALUES.items():
+        for node, values in artifacts.STUDENT_NODE_VALUES.items():
             probs = np.full((len(pairs), len(values)), (1 - sharpness) / len(values), np.float32)
             probs[np.arange(len(pairs)), [values.index(p.gold[node]) for p in pairs]] += sharpness
             teacher[split][node] = probs
@@ -196,7 +197,7 @@ def test_teacher_file_round_trip_and_reuse(tmp_path):
     config = _config()
     world = prepare.load_world(config)
     teacher, meta = _gold_teacher(world), distill.teacher_meta(config, world)
-    path = distill.teacher_path(str(tmp_path))
+    path = artifacts.distill_teacher_path(str(tmp_path))
     distill.save_teacher(path, teacher, meta)
     assert sorted(p.name for p in (tmp_path / "distill").iterdir()) == ["teacher.npz"]  # no temporary left
     loaded, loaded_meta = distill.load_teacher(path)
@@ -239,11 +240,11 @@ def test_distillation_lowers_held_out_kl_on_every_head(tmp_path):
     world = prepare.load_world(config)
     teacher = _gold_teacher(world)
     workdir = tmp_path / "work"
-    distill.save_teacher(distill.teacher_path(str(workdir)), teacher, distill.teacher_meta(config, world))
+    distill.save_teacher(artifacts.distill_teacher_path(str(workdir)), teacher, distill.teacher_meta(config, world))
 
     report = distill.run(config, str(workdir))
 
-    encoder_config = distill.student_config()
+    encoder_config = artifacts.student_config()
     tokenizer = encoder.load_pair_tokenizer(encoder.minilm_folder())
     pairs = world.split_pairs("test")
     initial = student_eval.student_probabilities(distill.init_student(encoder_config, HEADS, config.seed),
@@ -272,7 +273,7 @@ def test_distillation_lowers_held_out_kl_on_every_head(tmp_path):
     assert saved["esci_test"]["majority"]["accuracy"] == report["esci_test"]["majority"]["accuracy"]
 
     # The checkpoint restores to the student that was evaluated.
-    restored = distill.restore_student(config, str(workdir))
+    restored = artifacts.student_params(config, str(workdir))
     probs = student_eval.student_probabilities(restored, encoder_config, tokenizer, [p.query for p in pairs],
                                                [p.product_title for p in pairs], max_length=32, batch_size=16)
     for node in HEADS:

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from configs import relevance
-from graphgrpo_jax import config_validation, main
-from graphgrpo_jax.train import checkpointing, loop, metrics, smoke
+from graphgrpo_jax import artifacts, checkpointing, config_validation, main, metrics
+from graphgrpo_jax.train import smoke
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,7 +84,7 @@ def test_interrupted_run_resumes_bit_for_bit(tmp_path, monkeypatch):
     assert len(leaves_a) == len(leaves_b) > 3
     for a, b in zip(leaves_a, leaves_b):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    with checkpointing.Checkpointer(loop.checkpoint_dir(str(tmp_path / "resumed"), "lm_smoke")) as ckpt:
+    with checkpointing.Checkpointer(artifacts.checkpoint_dir(str(tmp_path / "resumed"), "lm_smoke")) as ckpt:
         assert ckpt.all_steps() == [4, 6]
     logged = [r["step"] for r in metrics.read_jsonl(str(tmp_path / "resumed" / "lm_smoke" / "metrics.jsonl"))]
     assert logged == [5, 6]  # log_every=5 plus the final step; steps 3-4 re-run after the crash

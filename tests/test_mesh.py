@@ -15,10 +15,9 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P, SingleDevi
 
 import multiprocess_worker as worker
 from configs import common, relevance_pod
-from graphgrpo_jax import config_validation, main
-from graphgrpo_jax import sampling
+from graphgrpo_jax import checkpointing, config_validation, main, mesh as mesh_lib, sampling
 from graphgrpo_jax.models import decoder
-from graphgrpo_jax.train import checkpointing, mesh as mesh_lib, rl, sft
+from graphgrpo_jax.train import rl, sft
 
 MODEL = worker.MODEL  # vocab 128, hidden 32, 4 heads, 2 kv heads, head_dim 8, mlp 64, 1 layer
 MESHES = [(8, 1, 1), (2, 2, 2), (1, 4, 2)]

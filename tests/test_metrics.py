@@ -5,7 +5,7 @@ import glob
 import jax.numpy as jnp
 from tensorboard.backend.event_processing import event_accumulator
 
-from graphgrpo_jax.train import metrics
+from graphgrpo_jax import metrics
 
 
 def test_scalars_reach_both_sinks(tmp_path):

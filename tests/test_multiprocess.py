@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import multiprocess_worker as worker
-from graphgrpo_jax.train import checkpointing, mesh as mesh_lib
+from graphgrpo_jax import checkpointing, mesh as mesh_lib
 
 WORKER = pathlib.Path(worker.__file__)
 NUM_PROCESSES = 2

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from configs import relevance
-from graphgrpo_jax import main
-from graphgrpo_jax.train import checkpointing, loop, metrics, rl
+from graphgrpo_jax import artifacts, checkpointing, main, metrics
+from graphgrpo_jax.train import rl
 
 
 def _config(rl_steps: int):
@@ -38,7 +38,7 @@ def test_every_stage_leaves_its_outputs(workdir):
     assert (workdir / "tokenizer" / "tokenizer.json").exists()
     assert (workdir / "data" / "world.json").exists()
     for stage, last in (("sft", 6), ("rl", 2)):
-        with checkpointing.Checkpointer(loop.checkpoint_dir(str(workdir), stage)) as ckpt:
+        with checkpointing.Checkpointer(artifacts.checkpoint_dir(str(workdir), stage)) as ckpt:
             assert ckpt.all_steps()[-1] == last
     results = json.load(open(workdir / "eval" / "metrics.json"))
     assert sorted(results) == ["rl/ood", "rl/test", "sft/ood", "sft/test"]

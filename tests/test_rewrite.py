@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 
 from configs import rewrite as rewrite_configs
-from graphgrpo_jax import main
+from graphgrpo_jax import artifacts, checkpointing, main, metrics
 from graphgrpo_jax.data import cot, prepare
 from graphgrpo_jax.eval import rewrite as rewrite_eval
 from graphgrpo_jax.models import decoder, encoder
 from graphgrpo_jax.rl import rewrite_task
 from graphgrpo_jax.search.engine import MANIFEST
-from graphgrpo_jax.train import checkpointing, distill, loop, metrics, rl, rewrite
+from graphgrpo_jax.train import distill, rewrite
 
 
 @pytest.fixture(scope="module")
@@ -314,7 +314,7 @@ def pipeline(tmp_path_factory, config):
 def test_every_stage_leaves_its_outputs(pipeline):
     assert (pipeline / "index" / MANIFEST).exists()
     for stage, last in (("sft", 6), ("rl", 2)):
-        with checkpointing.Checkpointer(loop.checkpoint_dir(str(pipeline), stage)) as ckpt:
+        with checkpointing.Checkpointer(artifacts.checkpoint_dir(str(pipeline), stage)) as ckpt:
             assert ckpt.all_steps()[-1] == last
     rows = metrics.read_jsonl(str(pipeline / "rl" / "metrics.jsonl"))
     assert [r["step"] for r in rows] == [1, 2]
@@ -359,7 +359,7 @@ def test_index_is_reused_and_checked_against_the_world(pipeline, config):
 
 
 def test_rl_moved_the_policy_away_from_sft(pipeline, config):
-    sft_params, rl_params = (rl.restore_policy(config, str(pipeline), stage) for stage in ("sft", "rl"))
+    sft_params, rl_params = (artifacts.policy_params(config, str(pipeline), stage) for stage in ("sft", "rl"))
     distance = sum(float(jnp.abs(a - b).sum()) for a, b in
                    zip(jax.tree_util.tree_leaves(sft_params), jax.tree_util.tree_leaves(rl_params)))
     assert distance > 0
@@ -367,9 +367,9 @@ def test_rl_moved_the_policy_away_from_sft(pipeline, config):
 
 def test_tag_judge_matches_unpadded_forced_decoding(pipeline, config, world):
     """The batched judge against a reference that scores each (prompt, tag, EOS) row right-padded."""
-    tokenizer = prepare.load_tokenizer(config, str(pipeline))
+    tokenizer = artifacts.load_tokenizer(config, str(pipeline))
     model_config = decoder.DecoderConfig.from_config(config.model)
-    params = rl.restore_policy(config, str(pipeline))
+    params = artifacts.policy_params(config, str(pipeline))
     tags = world.split_rewrite_tags("train")[:11]
     queries, rewrites = [t.query for t in tags], [t.rewrite for t in tags]
     # The RL stage's judge shapes (compiled already): two chunks of 8 pairs, the second padded.
@@ -410,12 +410,12 @@ def test_student_judge_grades_the_hits_with_the_distilled_student(pipeline, conf
     rewrites = [q.gold_rewrite for q in queries[:3]] + [q.text for q in queries[3:]]
     scores = task.judge([q.text for q in queries], rewrites)
 
-    params = distill.restore_student(config, str(pipeline))
+    params = artifacts.student_params(config, str(pipeline))
     hits = task.engine.search_batch(rewrites, config.rewrite.k)
     pairs = [(q.text, world.product_by_id[pid].title) for q, row in zip(queries, hits) for pid, _ in row]
     encoded = encoder.encode_pairs(encoder.load_pair_tokenizer(encoder.minilm_folder()), *zip(*pairs),
                                    config.distill.max_length)
-    logits = jax.jit(encoder.node_logits, static_argnums=1)(params, distill.student_config(), *encoded)
+    logits = jax.jit(encoder.node_logits, static_argnums=1)(params, artifacts.student_config(), *encoded)
     grades = np.asarray(jax.nn.softmax(logits["y"])) @ [rewrite_eval.RELEVANCE_GRADES[y] for y in cot.LABELS]
     bounds = np.cumsum([0] + [len(row) for row in hits])
     reference = [grades[a:b].sum() / (3 * config.rewrite.k) for a, b in zip(bounds[:-1], bounds[1:])]

@@ -9,8 +9,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import relevance
-from graphgrpo_jax import main
-from graphgrpo_jax.train import loop, mesh as mesh_lib, metrics
+from graphgrpo_jax import main, mesh as mesh_lib, metrics
+from graphgrpo_jax.train import loop
 
 TOLERANCE = 1e-5
 STAGES = ("sft", "rl")

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from graphgrpo_jax import tokenization
+from graphgrpo_jax import artifacts, tokenization
 
 TAGS = ("<qs>", "</qs>", "<y>", "</y>")
 CORPUS = [
@@ -150,4 +150,4 @@ def test_checkpoint_tokenizer_adds_the_cot_tags_as_whole_tokens(tmp_path):
     config.tokenizer.hf_checkpoint = str(checkpoint)
     config.model.vocab_size = len(original) + len(tags)
     prepare.run(config, str(tmp_path / "work"))
-    assert len(prepare.load_tokenizer(config, str(tmp_path / "work"))) == len(original) + len(tags)
+    assert len(artifacts.load_tokenizer(config, str(tmp_path / "work"))) == len(original) + len(tags)

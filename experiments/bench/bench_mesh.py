@@ -29,7 +29,8 @@ import common  # noqa: E402
 from configs import common as config_presets  # noqa: E402
 from graphgrpo_jax import sampling  # noqa: E402
 from graphgrpo_jax.models import decoder  # noqa: E402
-from graphgrpo_jax.train import mesh as mesh_lib, sft, state as state_lib  # noqa: E402
+from graphgrpo_jax import mesh as mesh_lib
+from graphgrpo_jax.train import sft, state as state_lib  # noqa: E402
 
 # Plain next-token SFT: no CoT nodes, no masking.
 SFT_STEP = dict(label_node=0, num_nodes=1, p_mask=0.0, mask_unit="token")

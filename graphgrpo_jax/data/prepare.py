@@ -15,16 +15,12 @@ import os
 import ml_collections
 from absl import logging
 
-from graphgrpo_jax import tokenization
+from graphgrpo_jax import artifacts, tokenization
 from graphgrpo_jax.data import cot, world as world_lib
 
 
 def node_tags(nodes=cot.NODES) -> list[str]:
     return [tag for node in nodes for tag in (f"<{node}>", f"</{node}>")]
-
-
-def tokenizer_dir(workdir: str) -> str:
-    return os.path.join(workdir, "tokenizer")
 
 
 @functools.lru_cache(maxsize=4)
@@ -47,33 +43,24 @@ def corpus(world: world_lib.World) -> list[str]:
     return texts
 
 
-def load_tokenizer(config: ml_collections.ConfigDict, workdir: str):
-    tokenizer = tokenization.load_tokenizer(tokenizer_dir(workdir))
-    if len(tokenizer) > config.model.vocab_size:
-        raise ValueError(f"{tokenizer_dir(workdir)}: the tokenizer has {len(tokenizer)} tokens but "
-                         f"config.model.vocab_size is {config.model.vocab_size}")
-    return tokenizer
-
-
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     world = load_world(config)
-    data_dir = os.path.join(workdir, "data")
-    os.makedirs(data_dir, exist_ok=True)
-    world_path = os.path.join(data_dir, "world.json")
+    os.makedirs(artifacts.data_dir(workdir), exist_ok=True)
+    world_path = os.path.join(artifacts.data_dir(workdir), "world.json")
     if not os.path.exists(world_path):
         with open(world_path + ".tmp", "w") as f:
             f.write(world.to_json())
         os.replace(world_path + ".tmp", world_path)
-    if not os.path.exists(os.path.join(tokenizer_dir(workdir), "tokenizer.json")):
+    if not os.path.exists(os.path.join(artifacts.tokenizer_dir(workdir), "tokenizer.json")):
         checkpoint = config.tokenizer.get("hf_checkpoint")
         if checkpoint:
-            tokenizer = tokenization.checkpoint_tokenizer(checkpoint, tokenizer_dir(workdir), node_tags())
+            tokenizer = tokenization.checkpoint_tokenizer(checkpoint, artifacts.tokenizer_dir(workdir), node_tags())
             logging.info("the %d-token tokenizer of %s, with the CoT tags added, in %s", len(tokenizer),
-                         checkpoint, tokenizer_dir(workdir))
+                         checkpoint, artifacts.tokenizer_dir(workdir))
         else:
             tokenizer = tokenization.train_tokenizer(corpus(world), config.tokenizer.vocab_size,
-                                                     tokenizer_dir(workdir), extra_special_tokens=node_tags())
-            logging.info("trained a %d-token tokenizer in %s", len(tokenizer), tokenizer_dir(workdir))
-    load_tokenizer(config, workdir)  # fail now, not three stages later, when it does not fit the model
+                                                     artifacts.tokenizer_dir(workdir), extra_special_tokens=node_tags())
+            logging.info("trained a %d-token tokenizer in %s", len(tokenizer), artifacts.tokenizer_dir(workdir))
+    artifacts.load_tokenizer(config, workdir)  # fail now, not three stages later, when it does not fit the model
     logging.info("world: %d products, %d queries, %d relevance pairs, %d rewrite tags", len(world.products),
                  len(world.queries), len(world.pairs), len(world.rewrite_tags))

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 
 from graphgrpo_jax.eval import plots
-from graphgrpo_jax.train import metrics as metrics_lib
+from graphgrpo_jax import metrics as metrics_lib
 
 
 def _read_rows(workdir: str, stage: str) -> list[dict]:

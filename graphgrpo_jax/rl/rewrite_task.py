@@ -20,7 +20,6 @@ GRPO, `credit.variant = "outcome"`). The reward fuses three signals (`rewards.re
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,17 +28,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from graphgrpo_jax.data import batching, cot, esci, prepare
+from graphgrpo_jax import artifacts
+from graphgrpo_jax.data import batching, cot, esci
 from graphgrpo_jax.eval import rewrite as rewrite_eval, student as student_eval
 from graphgrpo_jax.models import decoder, encoder
 from graphgrpo_jax.rl import rewards as rewards_lib
 from graphgrpo_jax.rl.rollout import Scored
 from graphgrpo_jax.search.engine import Retriever, SearchEngine
-
-
-def index_dir(workdir: str) -> str:
-    """Where the `index` stage puts the search index of the catalogue."""
-    return os.path.join(workdir, "index")
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -196,7 +191,7 @@ JUDGES = ("tagger", "rule", "student", "retrieval_rule")
 def tag_judge(config: ml_collections.ConfigDict, workdir: str, params: decoder.Params) -> TagJudge:
     """The tagging task of `params` as a judge, its prompts as wide as a query plus a rewrite can be: the r_rel
     judge of RL, and the one `rewrite_eval` scores."""
-    return TagJudge(params, decoder.DecoderConfig.from_config(config.model), prepare.load_tokenizer(config, workdir),
+    return TagJudge(params, decoder.DecoderConfig.from_config(config.model), artifacts.load_tokenizer(config, workdir),
                     max_prompt_len=config.data.max_prompt_len + config.data.max_response_len,
                     batch_size=config.rewrite.judge_batch_size)
 
@@ -211,35 +206,10 @@ def make_judge(config: ml_collections.ConfigDict, world, workdir: str, engine: R
         return RuleJudge(world)
     if cfg.judge == "retrieval_rule":
         return RetrievalJudge(engine, cfg.k, rule_grader(world))
-    # "student". Imported here: train.distill imports the RL stage, which imports this module.
-    from graphgrpo_jax.train import distill
-
-    student = distill.restore_student(config, cfg.student_workdir or workdir)
+    student = artifacts.student_params(config, cfg.student_workdir or workdir)
     return RetrievalJudge(engine, cfg.k, student_grader(
-        student, distill.student_config(), encoder.load_pair_tokenizer(encoder.minilm_folder()), world,
+        student, artifacts.student_config(), encoder.load_pair_tokenizer(encoder.minilm_folder()), world,
         max_length=config.distill.max_length, batch_size=cfg.judge_batch_size))
-
-
-def default_rewrite_config() -> ml_collections.ConfigDict:
-    """Reward options of the rewrite task (`config.rewrite`)."""
-    return ml_collections.ConfigDict(dict(
-        fusion="rfusion",  # rfusion | product | min | rel | conv | rule (rewards.FUSION_MODES)
-        w_rel=0.5,
-        w_conv=0.5,
-        k=10,  # r_conv's cut-off
-        conv_metric="recall",  # recall | ndcg
-        rule=dict(min_words=rewards_lib.DEFAULT_MIN_WORDS, max_words=rewards_lib.DEFAULT_MAX_WORDS,
-                  max_chars=rewards_lib.DEFAULT_MAX_CHARS, max_word_repeats=rewards_lib.DEFAULT_MAX_WORD_REPEATS),
-        # r_rel's judge (JUDGES): "tagger" (TagJudge) or "rule" (RuleJudge, an oracle for ablations) judge the
-        # rewrite's words; "student" or "retrieval_rule" (an oracle) grade the top `k` products it retrieves
-        # (RetrievalJudge). "student" reads the `distill` stage's student from `student_workdir` ("" = here).
-        judge="tagger",
-        judge_batch_size=32,  # tagger: (query, rewrite) pairs per call (3 rows each); student: pairs per call
-        student_workdir="",
-        # The training queries RL rewrites: "all", or "unlabelled", those without a teacher rewrite in SFT
-        # (see `labelled_fraction` in config.rewrite_sft), which RL learns from only through the rewards.
-        rl_queries="all",
-    ))
 
 
 def is_labelled(query_id: str, labelled_fraction: float) -> bool:
@@ -288,7 +258,7 @@ class RewriteTask:
         cfg = config.rewrite
         if cfg.judge not in JUDGES:
             raise ValueError(f"config.rewrite.judge = {cfg.judge!r}: choose one of {JUDGES}")
-        engine = SearchEngine.open(index_dir(workdir))
+        engine = SearchEngine.open(artifacts.index_dir(workdir))
         reads_rel = "rel" in rewards_lib.FUSION_INPUTS[cfg.fusion]
         judge = make_judge(config, world, workdir, engine, load_sft_params) if reads_rel else None
         return cls(config, world, engine=engine, judge=judge)

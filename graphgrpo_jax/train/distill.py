@@ -45,43 +45,19 @@ import ml_collections
 import numpy as np
 import optax
 
-from graphgrpo_jax import sampling
+from graphgrpo_jax import artifacts, mesh as mesh_lib, sampling
 from graphgrpo_jax.data import batching, cot, esci, prepare
 from graphgrpo_jax.eval import classification, relevance, student as student_eval
 from graphgrpo_jax.models import decoder, encoder
 from graphgrpo_jax.rl import rollout
-from graphgrpo_jax.train import checkpointing, loop, mesh as mesh_lib, rl, state as state_lib
+from graphgrpo_jax.train import loop, state as state_lib
 
 # Every categorical node the teacher describes and the student may have a head for, with its values.
-NODE_VALUES: dict[str, tuple[str, ...]] = {cot.LABEL_NODE: cot.LABELS, "ms": cot.MS_VALUES, "ma": cot.MA_VALUES}
+NODE_VALUES = artifacts.STUDENT_NODE_VALUES  # the categorical nodes a student has heads for
 TEACHERS = ("forced", "samples", "gold")
 POLICIES = ("sft", "rl")  # checkpoint stages a teacher can come from
 SOURCES = ("world", "esci")
 TEACHER_SPLITS = ("train", "test")  # train: distillation targets; test: held-out KL
-
-
-def default_distill_config() -> ml_collections.ConfigDict:
-    """The `config.distill` section."""
-    return ml_collections.ConfigDict(dict(
-        run_name="distill",  # stage name of checkpoints and metrics; one per student trained in a workdir
-        policy="rl",  # the policy checkpoint ("sft" or "rl") that teaches
-        teacher="forced",  # forced | samples | gold (the world's node labels, no policy)
-        num_samples=8,  # samples per pair (teacher="samples")
-        sample_temperature=1.0,
-        sample_smoothing=0.5,  # pseudo-count per value (teacher="samples")
-        heads=("y", "ms", "ma"),  # ("y",): the single-head student
-        loss_weights=dict(y=1.0, ms=1.0, ma=1.0),  # λ_v
-        temperature=2.0,  # T
-        ce_weight=1.0,  # weight of CE(gold y)
-        sources=("world",),  # training pairs: world (train split, with teacher) and/or esci (CE only)
-        esci_path="",  # flat ESCI JSONL (e.g. shared/data/esci-graded-subset/esci_pairs.jsonl); "" for none
-        esci_test_fraction=0.2,  # share of ESCI query ids held out for evaluation
-        max_length=48,  # student tokens per pair: every synthetic pair, 3 in 4 ESCI graded-subset pairs
-        batch_size=32,
-        num_steps=150,
-        log_every=10,
-        optim=dict(learning_rate=1e-4, warmup_steps=15, schedule="cosine", grad_clip=1.0, weight_decay=0.01),
-    ))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,10 +203,6 @@ def policy_teacher(params, config: ml_collections.ConfigDict, tokenizer, queries
 Teacher = dict[str, dict[str, np.ndarray]]  # split -> node -> [N, C] distributions over NODE_VALUES[node]
 
 
-def teacher_path(workdir: str) -> str:
-    return os.path.join(workdir, "distill", "teacher.npz")
-
-
 def teacher_meta(config: ml_collections.ConfigDict, world) -> dict[str, Any]:
     """What a teacher file was computed from; a file is reused only when all of it matches."""
     cfg = config.distill
@@ -285,11 +257,11 @@ def gold_teacher(world) -> Teacher:
 
 
 def ensure_teacher(config: ml_collections.ConfigDict, workdir: str, world) -> Teacher:
-    """The teacher of `teacher_path(workdir)`, computed from the policy and saved first if absent (the gold
+    """The teacher of `artifacts.distill_teacher_path(workdir)`, computed from the policy and saved first if absent (the gold
     teacher is read from the world, nothing saved)."""
     if config.distill.teacher == "gold":
         return gold_teacher(world)
-    path, expected = teacher_path(workdir), teacher_meta(config, world)
+    path, expected = artifacts.distill_teacher_path(workdir), teacher_meta(config, world)
     if os.path.exists(path):
         teacher, meta = load_teacher(path)
         differing = sorted(key for key in expected.keys() | meta.keys() if expected.get(key) != meta.get(key))
@@ -297,8 +269,8 @@ def ensure_teacher(config: ml_collections.ConfigDict, workdir: str, world) -> Te
             raise ValueError(f"{path} was computed with other {differing} than this config asks for; delete it "
                              f"to recompute, or distil in another workdir")
         return teacher
-    params = rl.restore_policy(config, workdir, config.distill.policy)
-    tokenizer = prepare.load_tokenizer(config, workdir)
+    params = artifacts.policy_params(config, workdir, config.distill.policy)
+    tokenizer = artifacts.load_tokenizer(config, workdir)
     teacher = {split: policy_teacher(params, config, tokenizer, [p.query for p in pairs],
                                      [p.product_title for p in pairs])
                for split in TEACHER_SPLITS for pairs in [world.split_pairs(split)]}
@@ -429,34 +401,10 @@ def _cached_step(encoder_config: encoder.EncoderConfig, settings: LossSettings, 
 # The stage
 
 
-def student_config() -> encoder.EncoderConfig:
-    return encoder.EncoderConfig.from_hf(encoder.minilm_folder())
-
-
 def init_student(encoder_config: encoder.EncoderConfig, heads: Sequence[str], seed: int) -> encoder.Params:
     """Pretrained MiniLM body with fresh heads (one per node of `heads`)."""
     return encoder.load_pretrained(encoder.minilm_folder(), encoder_config,
                                    {node: len(NODE_VALUES[node]) for node in heads}, jax.random.PRNGKey(seed))
-
-
-def restore_student(config: ml_collections.ConfigDict, workdir: str) -> encoder.Params:
-    """The newest student params of stage `config.distill.run_name` in the workdir, in the shardings of
-    `config.mesh` (whatever the device count of the run that saved them)."""
-    cfg = config.distill
-    loss_settings(cfg)
-    encoder_config = student_config()
-    optimizer = state_lib.make_optimizer(cfg.optim, cfg.num_steps)  # only the state's structure matters
-    head_sizes = {node: len(NODE_VALUES[node]) for node in cfg.heads}
-    params = jax.eval_shape(lambda: encoder.init_params(encoder_config, head_sizes, jax.random.PRNGKey(0)))
-    like = {"params": params, "opt_state": jax.eval_shape(optimizer.init, params)}
-    shardings = mesh_lib.Layout.from_config(config.get("mesh")).state_shardings(
-        like, encoder.param_logical_axes(encoder_config, head_sizes))
-    directory = loop.checkpoint_dir(workdir, cfg.run_name)
-    with checkpointing.Checkpointer(directory) as ckpt:
-        restored = ckpt.restore_latest(mesh_lib.with_shardings(like, shardings))
-    if restored is None:
-        raise FileNotFoundError(f"no student checkpoint in {directory}: run the 'distill' stage first")
-    return restored.state["params"]
 
 
 def evaluate(params: encoder.Params, config: ml_collections.ConfigDict, encoder_config: encoder.EncoderConfig,
@@ -488,7 +436,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     settings = loss_settings(cfg)
     world = prepare.load_world(config)
     teacher = ensure_teacher(config, workdir, world)
-    encoder_config = student_config()
+    encoder_config = artifacts.student_config()
     tokenizer = encoder.load_pair_tokenizer(encoder.minilm_folder())
     esci_data = esci.read_flat_jsonl(cfg.esci_path, test_fraction=cfg.esci_test_fraction) if cfg.esci_path else None
     examples = training_examples(config, world, teacher["train"], esci_data, tokenizer)

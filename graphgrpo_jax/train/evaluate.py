@@ -25,11 +25,11 @@ import pathlib
 
 import ml_collections
 
+from graphgrpo_jax import artifacts
 from graphgrpo_jax.data import cot, esci, prepare
 from graphgrpo_jax.eval import classification, relevance
 from graphgrpo_jax.eval import student as student_eval
 from graphgrpo_jax.models import encoder
-from graphgrpo_jax.train import distill, rl
 
 FILE_POLICIES = ("sft", "rl", "student")
 
@@ -44,10 +44,10 @@ def _write(workdir: str, name: str, results: dict) -> None:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    world, tokenizer = prepare.load_world(config), prepare.load_tokenizer(config, workdir)
+    world, tokenizer = prepare.load_world(config), artifacts.load_tokenizer(config, workdir)
     results = {}
     for stage in config.eval.policies:
-        params = rl.restore_policy(config, workdir, stage)
+        params = artifacts.policy_params(config, workdir, stage)
         for split in config.eval.splits:
             pairs = world.split_pairs(split)[:config.eval.max_examples]
             results[f"{stage}/{split}"] = relevance.evaluate_pairs(
@@ -68,10 +68,10 @@ def trained_config(checkpoint_workdir: str) -> ml_collections.ConfigDict:
 
 
 def _student_report(trained: ml_collections.ConfigDict, source: str, examples: list[esci.EsciExample]) -> dict:
-    params = distill.restore_student(trained, source)
+    params = artifacts.student_params(trained, source)
     tokenizer = encoder.load_pair_tokenizer(encoder.minilm_folder())
     probs = student_eval.student_probabilities(
-        params, distill.student_config(), tokenizer, [e.query for e in examples],
+        params, artifacts.student_config(), tokenizer, [e.query for e in examples],
         [e.product_title for e in examples], max_length=trained.distill.max_length,
         batch_size=trained.distill.batch_size)[cot.LABEL_NODE]
     return classification.classification_report([cot.LABELS.index(e.label) for e in examples],
@@ -97,13 +97,13 @@ def run_file(config: ml_collections.ConfigDict, workdir: str) -> dict:
     results = {"input_path": str(cfg.input_path), "checkpoint_workdir": source, "split": cfg.input_split,
                "num_rows": len(examples), "skipped_rows": data.skipped}
     trained.eval.batch_size = cfg.batch_size  # the finished run's shapes, this run's batching
-    policy_tokenizer = prepare.load_tokenizer(trained, source) if set(cfg.policies) - {"student"} else None
+    policy_tokenizer = artifacts.load_tokenizer(trained, source) if set(cfg.policies) - {"student"} else None
     for policy in cfg.policies:
         if policy == "student":
             results[policy] = _student_report(trained, source, examples)
             continue
         results[policy] = relevance.evaluate_pairs(
-            rl.restore_policy(trained, source, policy), trained, policy_tokenizer,
+            artifacts.policy_params(trained, source, policy), trained, policy_tokenizer,
             [e.query for e in examples], [e.product_title for e in examples], [e.label for e in examples])
     _write(workdir, pathlib.Path(cfg.input_path).stem + ".json", results)
     return results

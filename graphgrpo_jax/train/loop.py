@@ -10,21 +10,15 @@ run exactly where it stopped, bit for bit, on the same devices.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 from absl import logging
 
-from graphgrpo_jax.train import checkpointing
-from graphgrpo_jax.train import metrics as metrics_lib
+from graphgrpo_jax import artifacts, checkpointing, metrics as metrics_lib
 
 StepFn = Callable[[Any, Any], tuple[Any, Mapping[str, Any]]]
-
-
-def checkpoint_dir(workdir: str, stage: str) -> str:
-    return os.path.join(workdir, "checkpoints", stage)
 
 
 def fit(
@@ -49,7 +43,7 @@ def fit(
     `<workdir>/checkpoints/<stage>/`, every `save_every` steps (0: only at the end) and always at the end.
     `eval_fn(state, step)` runs every `eval_every` steps and at the end; its scalars are logged too.
     """
-    with checkpointing.Checkpointer(checkpoint_dir(workdir, stage), max_to_keep=max_to_keep,
+    with checkpointing.Checkpointer(artifacts.checkpoint_dir(workdir, stage), max_to_keep=max_to_keep,
                                     save_every=save_every, async_save=async_save) as ckpt, \
             metrics_lib.MetricsWriter(workdir, stage) as writer:
         start = 0

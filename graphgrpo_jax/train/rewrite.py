@@ -24,13 +24,13 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from graphgrpo_jax import artifacts
 from graphgrpo_jax.data import batching, cot, prepare, world as world_lib
 from graphgrpo_jax.eval import rewrite as rewrite_eval
 from graphgrpo_jax.models import decoder
 from graphgrpo_jax.rl import rewrite_task
-from graphgrpo_jax.rl.rewrite_task import index_dir
 from graphgrpo_jax.search.engine import MANIFEST, SearchEngine
-from graphgrpo_jax.train import loop, rl, sft
+from graphgrpo_jax.train import sft
 
 SFT_TASKS = ("rewrite", "tag")
 
@@ -41,7 +41,7 @@ SFT_TASKS = ("rewrite", "tag")
 def build_index(config: ml_collections.ConfigDict, workdir: str) -> SearchEngine:
     """The `index` stage: the catalogue's search index, reused when an earlier run built it."""
     world = prepare.load_world(config)
-    directory = index_dir(workdir)
+    directory = artifacts.index_dir(workdir)
     if os.path.exists(os.path.join(directory, MANIFEST)):
         engine = SearchEngine.open(directory)
         if len(engine) != len(world.products):
@@ -93,7 +93,7 @@ def task_counts(task_mix: ml_collections.ConfigDict | dict, batch_size: int) -> 
 def run_sft(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """The `rewrite_sft` stage: multi-task SFT, saved as stage `sft` (the policy the RL stage starts from)."""
     cfg = config.rewrite_sft
-    world, tokenizer = prepare.load_world(config), prepare.load_tokenizer(config, workdir)
+    world, tokenizer = prepare.load_world(config), artifacts.load_tokenizer(config, workdir)
     counts = task_counts(cfg.task_mix, config.optim.batch_size)
     examples = sft_examples(world, "train", cfg.labelled_fraction, cfg.tagged_fraction)
     encoded = {task: batching.encode_sft(tokenizer, *examples[task], config.data.max_prompt_len,
@@ -130,14 +130,14 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """The `rewrite_eval` stage: `{"<policy>/<split>": metrics}` for the raw query, the gold rewrite
     and each policy of `config.rewrite_eval.policies`, written to `<workdir>/rewrite_eval/metrics.json`."""
     cfg = config.rewrite_eval
-    world, tokenizer = prepare.load_world(config), prepare.load_tokenizer(config, workdir)
-    engine = SearchEngine.open(index_dir(workdir))
+    world, tokenizer = prepare.load_world(config), artifacts.load_tokenizer(config, workdir)
+    engine = SearchEngine.open(artifacts.index_dir(workdir))
     model_config = decoder.DecoderConfig.from_config(config.model)
     queries = {split: world.split_queries(split)[:cfg.max_examples] for split in cfg.splits}
-    policy = functools.cache(lambda stage: rl.restore_policy(config, workdir, stage))  # each checkpoint read once
+    policy = functools.cache(lambda stage: artifacts.policy_params(config, workdir, stage))  # each checkpoint read once
     # The r_rel judge (the SFT policy's tagging task, frozen), scored on every policy's rewrites.
     judge, tag_accuracies = None, {}
-    if config.rewrite_sft.task_mix.get("tag", 0.0) > 0 and os.path.isdir(loop.checkpoint_dir(workdir, "sft")):
+    if config.rewrite_sft.task_mix.get("tag", 0.0) > 0 and os.path.isdir(artifacts.checkpoint_dir(workdir, "sft")):
         judge = rewrite_task.tag_judge(config, workdir, policy("sft"))
         # Its accuracy on each split's labelled tag pairs (the world draws 3 tags per query).
         tag_accuracies = {split: rewrite_eval.tag_accuracy(judge, world.split_rewrite_tags(split)[:3 * len(qs)])

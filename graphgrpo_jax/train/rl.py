@@ -7,7 +7,7 @@ token advantages come from `graph/credit.py` inside the differentiated function,
 call also yields dLoss/dφ for the `main_loss` controller. φ and the controller's optimizer live in the
 training state and are checkpointed with the policy.
 
-Everything lives on the mesh of `config.mesh` (`train/mesh.py`): the policy is restored straight into its
+Everything lives on the mesh of `config.mesh` (`mesh.py`): the policy is restored straight into its
 shardings, the sampler and the update run sharded, and each process loads only its rows of the prompts and
 of the update's batch; the host-side scoring sees every rollout (group statistics need whole groups).
 """
@@ -24,13 +24,13 @@ import ml_collections
 import numpy as np
 import optax
 
-from graphgrpo_jax import sampling
+from graphgrpo_jax import artifacts, mesh as mesh_lib, sampling
 from graphgrpo_jax.data import batching, prepare
 from graphgrpo_jax.eval import credit as eval_credit
 from graphgrpo_jax.graph import controller as controller_lib, credit as credit_lib, spec as spec_lib
 from graphgrpo_jax.models import decoder
 from graphgrpo_jax.rl import grpo, rewrite_task, rollout
-from graphgrpo_jax.train import checkpointing, loop, mesh as mesh_lib, sft, state as state_lib
+from graphgrpo_jax.train import loop, state as state_lib
 
 # Task name (config.task) -> factory (config, world, spec, workdir) of how its prompts are drawn and its
 # completions scored (see rl/rollout.py); the workdir holds what a task reads from earlier stages.
@@ -38,32 +38,8 @@ TASKS = {
     "relevance": lambda config, world, spec, workdir: rollout.RelevanceTask(config, world, spec),
     # Searches the `index` stage's index; the r_rel judge of `config.rewrite.judge` (the tagger: a frozen SFT copy).
     "rewrite": lambda config, world, spec, workdir: rewrite_task.RewriteTask.from_workdir(
-        config, world, workdir, load_sft_params=lambda: restore_policy(config, workdir)),
+        config, world, workdir, load_sft_params=lambda: artifacts.policy_params(config, workdir)),
 }
-
-
-def restore_policy(config: ml_collections.ConfigDict, workdir: str, stage: str = "sft",
-                   layout: mesh_lib.Layout | None = None):
-    """The newest policy params of `stage` ("sft" or "rl") in the workdir (structure from the config),
-    restored straight into `layout`'s shardings (default: the layout of `config.mesh`), whatever the
-    device count of the run that saved them."""
-    layout = layout or mesh_lib.Layout.from_config(config.get("mesh"))
-    model_config = decoder.DecoderConfig.from_config(config.model)
-    optimizer = state_lib.make_optimizer(config.optim, 1)  # only the checkpoint's tree structure matters
-    like = jax.eval_shape(lambda: sft.new_state(decoder.init_params(model_config, jax.random.PRNGKey(0)),
-                                                optimizer, jax.random.PRNGKey(0)))
-    if stage == "rl":
-        spec = spec_lib.graph_spec(config.graph)
-        settings = controller_lib.controller_settings(config.controller, spec,
-                                                      num_iterations=config.grpo.num_iterations)
-        like["controller"] = jax.eval_shape(lambda: controller_lib.init_controller(spec, settings))
-    target = mesh_lib.with_shardings(like, layout.state_shardings(like, decoder.param_logical_axes(model_config)))
-    with checkpointing.Checkpointer(loop.checkpoint_dir(workdir, stage)) as ckpt:
-        restored = ckpt.restore_latest(target)
-    if restored is None:
-        raise FileNotFoundError(f"no {stage} checkpoint in {loop.checkpoint_dir(workdir, stage)}: run the "
-                                f"'{stage}' stage first")
-    return restored.state["params"]
 
 
 @functools.lru_cache(maxsize=8)
@@ -195,7 +171,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     cfg, grpo_cfg = config.rl, config.grpo
     grpo.validate_grpo_config(grpo_cfg)
     group_size = grpo_cfg.num_generations
-    world, tokenizer = prepare.load_world(config), prepare.load_tokenizer(config, workdir)
+    world, tokenizer = prepare.load_world(config), artifacts.load_tokenizer(config, workdir)
     model_config = decoder.DecoderConfig.from_config(config.model)
     spec = spec_lib.graph_spec(config.graph)
     settings = credit_lib.credit_settings(config.credit, spec)
@@ -207,13 +183,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # Mesh → policy state in its shardings (restored straight into them) → sharded update and sampler.
     layout = mesh_lib.Layout.from_config(config.get("mesh"))
-    sft_params = restore_policy(config, workdir, layout=layout)
+    sft_params = artifacts.policy_params(config, workdir, layout=layout)
     optimizer = state_lib.make_optimizer(config.rl_optim, cfg.num_steps)
     # The reference is its own copy: the policy's buffers are donated to each update.
     ref_params = jax.tree_util.tree_map(jnp.copy, sft_params) if grpo_cfg.beta > 0 else None
 
     def init_state(params) -> dict:
-        state = sft.new_state(params, optimizer, jax.random.PRNGKey(config.seed + 1))
+        state = state_lib.new_state(params, optimizer, jax.random.PRNGKey(config.seed + 1))
         return {**state, "controller": controller_lib.init_controller(spec, ctrl_settings)}
 
     state, shardings = layout.init(init_state, decoder.param_logical_axes(model_config), sft_params)

@@ -22,9 +22,10 @@ import ml_collections
 import numpy as np
 import optax
 
+from graphgrpo_jax import artifacts, mesh as mesh_lib
 from graphgrpo_jax.data import batching, cot, prepare
 from graphgrpo_jax.models import decoder, hf
-from graphgrpo_jax.train import loop, mesh as mesh_lib, state as state_lib
+from graphgrpo_jax.train import loop, state as state_lib
 
 MASK_UNITS = ("token", "node")
 BATCH_KEYS = ("tokens", "attention_mask", "loss_mask", "node_ids")
@@ -96,11 +97,6 @@ def relevance_examples(config: ml_collections.ConfigDict, world, split: str) -> 
     return prompts, responses
 
 
-def new_state(params: Any, optimizer: optax.GradientTransformation, rng: jax.Array) -> dict:
-    """A train state around `params` (pure, so `Layout.init` can build it shard by shard)."""
-    return {"params": params, "opt_state": optimizer.init(params), "rng": rng}
-
-
 def init_state(config: ml_collections.ConfigDict, model_config: decoder.DecoderConfig,
                optimizer: optax.GradientTransformation, layout: mesh_lib.Layout) -> tuple[dict, Any]:
     """The policy state SFT starts from, placed by `layout`, and its shardings.
@@ -115,8 +111,8 @@ def init_state(config: ml_collections.ConfigDict, model_config: decoder.DecoderC
         params_like = jax.eval_shape(functools.partial(decoder.init_params, model_config), init_rng)
         params = mesh_lib.host_to_global(hf.load_params(checkpoint, model_config),
                                          layout.param_shardings(params_like, logical_axes))
-        return layout.init(lambda p: new_state(p, optimizer, state_rng), logical_axes, params)
-    return layout.init(lambda: new_state(decoder.init_params(model_config, init_rng), optimizer, state_rng),
+        return layout.init(lambda p: state_lib.new_state(p, optimizer, state_rng), logical_axes, params)
+    return layout.init(lambda: state_lib.new_state(decoder.init_params(model_config, init_rng), optimizer, state_rng),
                        logical_axes)
 
 
@@ -145,7 +141,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, data: dict[str, np.ndar
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     cfg = config.sft
-    world, tokenizer = prepare.load_world(config), prepare.load_tokenizer(config, workdir)
+    world, tokenizer = prepare.load_world(config), artifacts.load_tokenizer(config, workdir)
     prompts, responses = relevance_examples(config, world, "train")
     data = batching.encode_sft(tokenizer, prompts, responses, config.data.max_prompt_len,
                                config.data.max_response_len)

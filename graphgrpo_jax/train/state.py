@@ -37,10 +37,15 @@ def make_optimizer(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Grad
     )
 
 
+def new_state(params: Any, optimizer: optax.GradientTransformation, rng: jax.Array) -> dict:
+    """A train state around `params` (pure, so `Layout.init` can build it shard by shard)."""
+    return {"params": params, "opt_state": optimizer.init(params), "rng": rng}
+
+
 def create_state(params: Any, optimizer: optax.GradientTransformation, rng: jax.Array) -> dict:
     """The state, committed to the default device: uncommitted leaves (e.g. optax's step counters) would
     make the first jitted step compile once more when its outputs come back committed."""
-    return jax.device_put({"params": params, "opt_state": optimizer.init(params), "rng": rng}, jax.devices()[0])
+    return jax.device_put(new_state(params, optimizer, rng), jax.devices()[0])
 
 
 def split_rows(tree: Any, slices: int, rows_together: int = 1) -> Any:

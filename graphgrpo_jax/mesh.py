@@ -24,7 +24,7 @@ The stages use these through one object, `Layout.from_config(config.mesh)`: stat
 
 Checkpoints need nothing extra: orbax writes global arrays collectively (every process calls `save`),
 and restores into whatever shardings the target tree carries (`with_shardings`), so a checkpoint saved
-on 8 devices restores on 1 and vice versa. Logs and metrics are written by process 0 (`train/metrics.py`).
+on 8 devices restores on 1 and vice versa. Logs and metrics are written by process 0 (`metrics.py`).
 """
 
 from __future__ import annotations

@@ -81,21 +81,36 @@ class Checkpointer:
         self._manager.reload()
         return sorted(self._manager.all_steps())
 
-    def restore_latest(self, like: Any) -> Restored | None:
+    def restore_latest(self, like: Any, *, partial: bool = False) -> Restored | None:
         """Restores the newest readable step into the structure, shapes, dtypes and shardings of `like`.
 
-        `like` is a pytree of arrays or `jax.ShapeDtypeStruct`s (e.g. from `jax.eval_shape`). Steps that
-        fail to restore are skipped with a warning, newest first. Returns None when there is nothing.
+        `like` is a pytree of arrays or `jax.ShapeDtypeStruct`s (e.g. from `jax.eval_shape`). With `partial`,
+        `like` may name only some subtrees of the stored state (e.g. `{"params": ...}`), and only those are
+        read. Steps that fail to restore are skipped with a warning, newest first. Returns None when there is
+        nothing.
         """
         self.wait()
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
         for step in reversed(self.all_steps()):
+            if partial:  # orbax would hand back a leaf it does not hold as the abstract leaf asked for
+                mismatch = self._structure_mismatch(step, abstract, partial=True)
+                if mismatch:
+                    raise ValueError(f"checkpoint step {step} in {self.directory} lacks part of the state asked "
+                                     f"for ({mismatch}); nothing was moved")
+                target = _without_empty(abstract)
+                state_args = ocp.args.PyTreeRestore(
+                    item=target, partial_restore=True,
+                    restore_args=jax.tree_util.tree_map(
+                        lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding or jax.sharding.SingleDeviceSharding(
+                            jax.devices()[0]), global_shape=x.shape, dtype=x.dtype),
+                        target))
+            else:
+                state_args = ocp.args.StandardRestore(_without_empty(abstract))
             try:
                 out = self._manager.restore(
-                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_without_empty(abstract)),
-                                                  meta=ocp.args.JsonRestore()))
+                    step, args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore()))
             except Exception as err:  # noqa: BLE001 - any unreadable step falls back to the previous one
-                mismatch = self._structure_mismatch(step, abstract)
+                mismatch = self._structure_mismatch(step, abstract, partial)
                 if mismatch:  # the caller asked for another state, the files are fine: keep them
                     raise ValueError(f"checkpoint step {step} in {self.directory} holds a different state tree "
                                      f"than the one asked for ({mismatch}); nothing was moved") from err
@@ -109,7 +124,7 @@ class Checkpointer:
             return Restored(step=step, state=state, meta=dict(out["meta"]))
         return None
 
-    def _structure_mismatch(self, step: int, abstract: Any) -> str:
+    def _structure_mismatch(self, step: int, abstract: Any, partial: bool = False) -> str:
         """What differs between the leaves stored at `step` and those of `abstract` ("" when they agree or
         the step's metadata cannot be read, i.e. when the step itself is damaged)."""
         reader = ocp.CheckpointManager(self.directory, item_handlers={
@@ -121,9 +136,9 @@ class Checkpointer:
         finally:
             reader.close()
         wanted = _leaf_paths(_without_empty(abstract))
-        if not stored or stored == wanted:
+        if not stored or stored == wanted or (partial and wanted <= stored):
             return ""
-        missing, extra = sorted(wanted - stored), sorted(stored - wanted)
+        missing, extra = sorted(wanted - stored), [] if partial else sorted(stored - wanted)
         return "; ".join(f"{what} {', '.join(paths[:3])}{' ...' if len(paths) > 3 else ''}"
                          for what, paths in (("not stored:", missing), ("stored but not asked for:", extra))
                          if paths)
