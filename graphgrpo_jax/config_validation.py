@@ -12,6 +12,9 @@ from typing import Any
 
 import ml_collections
 
+from graphgrpo_jax.graph import controller, credit
+from graphgrpo_jax.rl import grpo
+
 
 class ConfigError(ValueError):
     """A config value that cannot run; the message names the field and what it may hold."""
@@ -102,6 +105,12 @@ RULES: list[Rule] = [
     Range("train.num_steps", low=0, integer=True),
     Range("checkpoint.save_every", low=0, integer=True),
     positive_int("checkpoint.max_to_keep"),
+    Choice("credit.variant", credit.variant_names()),
+    Choice("credit.evidence", credit.EVIDENCE_MODES),
+    Choice("credit.norm", credit.NORM_MODES),
+    Choice("controller.mode", controller.MODES),
+    Choice("grpo.loss_type", grpo.LOSS_TYPES),
+    Choice("grpo.scale_rewards", grpo.SCALE_REWARDS_MODES),
 ]
 
 
@@ -115,6 +124,9 @@ def _cross_field_errors(config: ml_collections.ConfigDict) -> list[str]:
         count, parts = get_field(config, rows, None), get_field(config, slices, None)
         if isinstance(count, int) and isinstance(parts, int) and parts > 0 and count % parts:
             errors.append(f"config.{slices} = {parts} must divide config.{rows} = {count}")
+    if get_field(config, "credit.norm", None) == "node" and get_field(config, "grpo.scale_rewards", "group") != "group":
+        errors.append(f"config.grpo.scale_rewards = {get_field(config, 'grpo.scale_rewards')!r} applies to "
+                      f"config.credit.norm = 'outcome' only; 'node' scales each node by its own group std")
     return errors
 
 

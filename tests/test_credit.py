@@ -229,6 +229,34 @@ def test_outcome_variant_is_grpo(spec):
     np.testing.assert_allclose(out.node_advantages, np.repeat(grpo[:, None], 7, 1), atol=1e-6)
 
 
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_scale_rewards_reaches_the_advantages(spec, scale):
+    """`grpo.scale_rewards` as TRL defines it: the group's mean, divided by the group's std, the whole batch's,
+    or nothing; a group without spread gets 0 in every mode. Outcome GRPO and graph credit (outcome norm)."""
+    rewards, values, gold, tokens, mask = random_batch(spec, seed=7)
+    grouped = rewards.reshape(-1, 4)
+    centred = np.where((grouped.max(1) > grouped.min(1))[:, None], grouped - grouped.mean(1, keepdims=True), 0.0)
+    denominator = {"group": grouped.std(1, ddof=1, keepdims=True), "batch": rewards.std(ddof=1), "none": 1.0}[scale]
+    expected = (centred / np.where(centred == 0, 1.0, denominator)).reshape(-1)
+    out = run(spec, dataclasses.replace(OUTCOME, scale_rewards=scale), rewards, values, 4, gold=gold)
+    np.testing.assert_allclose(out.node_advantages[:, 0], expected, atol=1e-6)
+    # Graph credit under outcome norm shares the denominator: its advantages scale with it, node by node.
+    base = run(spec, GRAPH, rewards, values, 4, gold=gold).node_advantages
+    scaled = run(spec, dataclasses.replace(GRAPH, scale_rewards=scale), rewards, values, 4, gold=gold).node_advantages
+    group_std = grouped.std(1, ddof=1)
+    ratio = np.where(group_std > 0, group_std, 1.0) / np.broadcast_to(denominator, (len(grouped), 1))[:, 0]
+    ratio = np.repeat(np.where(group_std > 0, ratio, 1.0), 4)[:, None]  # zero-spread groups are 0 either way
+    np.testing.assert_allclose(scaled, base * ratio, atol=1e-5)
+
+
+def test_scale_rewards_other_than_group_is_refused_under_node_norm(spec):
+    with pytest.raises(ValueError, match="scale_rewards"):
+        credit.credit_settings(dict(variant="graph", evidence="group_value", kappa=1.0, norm="node", eps=1e-6),
+                               spec, scale_rewards="batch")
+    with pytest.raises(ValueError, match="scale_rewards"):
+        credit.credit_settings(credit.default_credit_config(), spec, scale_rewards="bogus")
+
+
 def setting_id(settings):
     return f"{settings.variant}-{settings.evidence}-{settings.norm}"
 

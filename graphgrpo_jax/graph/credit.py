@@ -28,7 +28,9 @@ The computation (METHOD.md A2, with R_i the outcome and groups the prompts' roll
 2. Propagation from the root, level by level with segment sums over the edges:
    c_{i,root} = R_i, c_{i,v} = (1 - Σ_{u->v} φ'_uv)·ℓ_{i,v} + Σ_{u->v} φ'_uv·c_{i,u}.
 3. Normalisation inside each group (`norm`): A = (c - mean_j c_j) / (std_j R_j + eps) (`outcome`)
-   or / (std_j c_j + eps) (`node`). Stds are unbiased (n - 1), as TRL's GRPO and `rl/grpo.py`. A
+   or / (std_j c_j + eps) (`node`). Under `outcome` the reward scale follows `grpo.scale_rewards`, as in
+   TRL: the group's std (`group`), the whole batch's (`batch`) or none (`none`, no division); the mean is
+   always the group's. `node` defines its own scale and takes only `group`. Stds are unbiased (n - 1), as TRL's GRPO and `rl/grpo.py`. A
    group whose outcomes are all equal gets A = 0 in every mode (it carries no outcome signal, and the
    division would blow rule evidence up); under `node`, so does a node whose credit has no spread.
    Both are exact tests (max == min), and every std and division is guarded so that gradients are
@@ -115,16 +117,29 @@ class CreditSettings:
     kappa: float = 0.0
     norm: str = "outcome"
     eps: float = 1e-6
+    scale_rewards: str = "group"  # config.grpo.scale_rewards: the reward std of a group, of the batch, or none
+
+
+SCALE_REWARDS_MODES = ("group", "batch", "none")  # the modes of `rl.grpo.scale_rewards`
 
 
 def credit_settings(cfg: Mapping[str, Any] | ml_collections.ConfigDict,
-                    spec: GraphSpec) -> CreditSettings:
-    """Validates the credit config against the graph, failing with the field's name."""
+                    spec: GraphSpec, scale_rewards: str = "group") -> CreditSettings:
+    """Validates the credit config against the graph, failing with the field's name; `scale_rewards` is
+    `config.grpo.scale_rewards`."""
     settings = CreditSettings(variant=cfg["variant"], evidence=cfg["evidence"],
-                              kappa=float(cfg["kappa"]), norm=cfg["norm"], eps=float(cfg["eps"]))
+                              kappa=float(cfg["kappa"]), norm=cfg["norm"], eps=float(cfg["eps"]),
+                              scale_rewards=scale_rewards)
 
     def fail(field: str, why: str) -> None:
         raise ValueError(f"credit config field {field!r} = {getattr(settings, field)!r}: {why}")
+
+    if settings.scale_rewards not in SCALE_REWARDS_MODES:
+        raise ValueError(f"GRPO config field 'scale_rewards' = {scale_rewards!r}: choose one of "
+                         f"{SCALE_REWARDS_MODES}")
+    if settings.norm == "node" and settings.scale_rewards != "group":
+        raise ValueError(f"GRPO config field 'scale_rewards' = {scale_rewards!r}: credit.norm='node' scales "
+                         f"each node by its own group std; scale_rewards applies to credit.norm='outcome' only")
 
     if settings.variant not in _VARIANTS:
         fail("variant", f"choose one of {tuple(_VARIANTS)}")
@@ -241,9 +256,19 @@ def _group_moments(x: jax.Array, segments: jax.Array, num_segments: int,
     return _GroupMoments(mean, std, (high > low)[segments])
 
 
-def _normalise(centred: jax.Array, scale: jax.Array, ok: jax.Array, eps: float) -> jax.Array:
-    """centred / (scale + eps) where `ok`, else exactly 0, with a finite gradient either way."""
-    return jnp.where(ok, centred / jnp.where(ok, scale + eps, 1.0), 0.0)
+def _normalise(centred: jax.Array, denominator: jax.Array, ok: jax.Array) -> jax.Array:
+    """centred / denominator where `ok`, else exactly 0, with a finite gradient either way."""
+    return jnp.where(ok, centred / jnp.where(ok, denominator, 1.0), 0.0)
+
+
+def _reward_denominator(batch: _Batch, moments: _GroupMoments, settings: CreditSettings) -> jax.Array:
+    """[g] what a rollout's centred outcome is divided by, by `settings.scale_rewards`."""
+    if settings.scale_rewards == "group":
+        return moments.std + settings.eps
+    if settings.scale_rewards == "batch":
+        whole = _group_moments(batch.reward, jnp.zeros_like(batch.group), 1, batch.graph_real)
+        return whole.std + settings.eps
+    return jnp.ones_like(moments.std)
 
 
 def _propagate(own: jax.Array, own_weight: jax.Array, edge_weight: jax.Array, senders: jax.Array,
@@ -267,6 +292,7 @@ class _Context(NamedTuple):
     reward_node: jax.Array  # [n] R of the node's rollout
     outcome_advantage: jax.Array  # [g] Â_i, plain GRPO
     reward_moments: _GroupMoments  # [g]
+    reward_denominator: jax.Array  # [g] the outcome's scale (`scale_rewards`), eps included
     node_level: jax.Array  # [n]
     is_root: jax.Array  # [n] bool
 
@@ -274,12 +300,13 @@ class _Context(NamedTuple):
 def _context(graph: jraph.GraphsTuple, spec: GraphSpec, settings: CreditSettings) -> _Context:
     batch = _batch_view(graph, spec)
     moments = _group_moments(batch.reward, batch.group, batch.num_graphs, batch.graph_real)
-    advantage = _normalise(batch.reward - moments.mean, moments.std, moments.spread, settings.eps)
+    denominator = _reward_denominator(batch, moments, settings)
     return _Context(
         batch=batch,
         reward_node=batch.reward[batch.node_graph],
-        outcome_advantage=advantage,
+        outcome_advantage=_normalise(batch.reward - moments.mean, denominator, moments.spread),
         reward_moments=moments,
+        reward_denominator=denominator,
         node_level=jnp.asarray(spec.levels, jnp.int32)[batch.node_type],
         is_root=batch.node_real & (batch.node_type == spec.root),
     )
@@ -345,10 +372,10 @@ def _node_advantages(ctx: _Context, credits: jax.Array, spec: GraphSpec,
     node_moments = _group_moments(credits, b.node_group_slot, b.num_graphs * spec.num_nodes, b.node_real)
     outcome_spread = ctx.reward_moments.spread[b.node_graph]
     if settings.norm == "outcome":
-        scale, ok = ctx.reward_moments.std[b.node_graph], outcome_spread
+        denominator, ok = ctx.reward_denominator[b.node_graph], outcome_spread
     else:
-        scale, ok = node_moments.std, outcome_spread & node_moments.spread
-    advantages = _normalise(credits - node_moments.mean, scale, ok, settings.eps)
+        denominator, ok = node_moments.std + settings.eps, outcome_spread & node_moments.spread
+    advantages = _normalise(credits - node_moments.mean, denominator, ok)
     return jnp.where(b.present | ctx.is_root, advantages, 0.0)
 
 

@@ -31,8 +31,9 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
+from graphgrpo_jax.graph.credit import SCALE_REWARDS_MODES  # the credit functions apply them
+
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
-SCALE_REWARDS_MODES = ("group", "batch", "none")
 STD_EPS = 1e-4  # TRL's constant: keeps a tiny spread from blowing advantages up.
 
 

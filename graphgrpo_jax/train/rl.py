@@ -174,7 +174,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     world, tokenizer = prepare.load_world(config), artifacts.load_tokenizer(config, workdir)
     model_config = decoder.DecoderConfig.from_config(config.model)
     spec = spec_lib.graph_spec(config.graph)
-    settings = credit_lib.credit_settings(config.credit, spec)
+    settings = credit_lib.credit_settings(config.credit, spec, config.grpo.scale_rewards)
     ctrl_settings = controller_lib.controller_settings(config.controller, spec,
                                                        num_iterations=grpo_cfg.num_iterations)
     if ctrl_settings.mode == "alignment" and cfg.prompts_per_step < 2:
