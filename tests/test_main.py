@@ -62,6 +62,25 @@ def test_validation_lists_every_bad_field():
     assert "config.checkpoint.max_to_keep" in str(err.value)
 
 
+@pytest.mark.parametrize("field, value", [
+    ("credit.variant", "bogus"), ("credit.evidence", "hunch"), ("credit.norm", "max"),
+    ("controller.mode", "pid"), ("grpo.loss_type", "ppo"), ("grpo.scale_rewards", "median"),
+])
+def test_bad_enum_of_the_rl_sections_fails_validation_naming_the_field(field, value):
+    config = relevance.get_config("micro")
+    section, name = field.split(".")
+    config[section][name] = value
+    with pytest.raises(config_validation.ConfigError, match=f"config.{field} = '{value}' is not allowed"):
+        config_validation.validate(config, stages=main.STAGES)
+
+
+def test_batch_reward_scaling_under_node_norm_fails_validation():
+    config = relevance.get_config("micro")
+    config.credit.norm, config.grpo.scale_rewards = "node", "batch"
+    with pytest.raises(config_validation.ConfigError, match="config.grpo.scale_rewards = 'batch' applies to"):
+        config_validation.validate(config, stages=main.STAGES)
+
+
 def test_interrupted_run_resumes_bit_for_bit(tmp_path, monkeypatch):
     config = relevance.get_config("smoke")
     config.lm_smoke.num_steps, config.checkpoint.save_every = 6, 2
