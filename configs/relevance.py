@@ -14,6 +14,7 @@ credit setting is `--config.credit.norm=node --config.credit.kappa=1` with φ = 
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from configs import common, defaults
 from graphgrpo_jax.graph import controller, credit, spec
@@ -29,11 +30,15 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
     # A small model trained from scratch: big enough that CoT-masked SFT reaches ~0.7 test accuracy on the
     # world (imperfect, so RL has something to fix), small enough for the whole run on a 2-core CPU.
     config.model = common.model_config("tiny", hidden_size=128, head_dim=32, mlp_dim=384)
+    # A Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer): its weights start SFT, its
+    # config.json fixes the model's shapes and its tokenizer replaces the trained one; "" trains from scratch.
+    checkpoint = config_dict.FieldReference("", field_type=str)
+    config.model.hf_checkpoint = checkpoint
     config.mesh = common.mesh_config("single")
 
     config.world = ml_collections.ConfigDict(dict(
         seed=0, num_queries=1500, pairs_per_query=4, products_per_type=16, corrupt_cot_share=0.2))
-    config.tokenizer = ml_collections.ConfigDict(dict(vocab_size=1024))
+    config.tokenizer = ml_collections.ConfigDict(dict(vocab_size=1024, hf_checkpoint=checkpoint))
     config.data = ml_collections.ConfigDict(dict(max_prompt_len=48, max_response_len=64))
 
     config.optim = ml_collections.ConfigDict(dict(

@@ -57,12 +57,16 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
     # Stages run in order; each reads what earlier ones wrote to the workdir.
     config.stages = ("data", "index", "rewrite_sft", "rl", "rewrite_eval")
     config.model = common.model_config("tiny")
+    # A Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer): its weights start SFT, its
+    # config.json fixes the model's shapes and its tokenizer replaces the trained one; "" trains from scratch.
+    checkpoint = config_dict.FieldReference("", field_type=str)
+    config.model.hf_checkpoint = checkpoint
     config.mesh = common.mesh_config("single")
 
     # 2000 queries: with fewer, the tiny model does not learn the synonym map well enough to beat the raw
     # query's recall on held-out intents (600 queries: test accuracy 0.06, recall@10 0.46 vs 0.62 raw).
     config.world = ml_collections.ConfigDict(dict(seed=0, num_queries=2000, pairs_per_query=4, products_per_type=16))
-    config.tokenizer = ml_collections.ConfigDict(dict(vocab_size=1024))
+    config.tokenizer = ml_collections.ConfigDict(dict(vocab_size=1024, hf_checkpoint=checkpoint))
     # Tokens on the cpu world: tag prompts (a query and a rewrite) up to 32 (37 on ood), gold rewrites 10.
     config.data = ml_collections.ConfigDict(dict(max_prompt_len=40, max_response_len=16))
 

@@ -130,9 +130,40 @@ def _cross_field_errors(config: ml_collections.ConfigDict) -> list[str]:
     return errors
 
 
+def checkpoint_errors(config: ml_collections.ConfigDict) -> list[str]:
+    """What is wrong with the checkpoint folder `config.model.hf_checkpoint` names (nothing when it names none):
+    a folder without a usable fast tokenizer, or a tokenizer with more tokens than the embedding has rows,
+    would otherwise surface stages later (or, before, train on empty token lists)."""
+    folder = get_field(config, "model.hf_checkpoint", None)
+    if not folder:
+        return []
+    from graphgrpo_jax import tokenization  # transformers: loaded only when a checkpoint is named
+
+    try:
+        tokenizer = tokenization.load_tokenizer(folder)
+    except (OSError, ValueError, TypeError) as err:
+        return [f"config.model.hf_checkpoint = {folder!r}: no usable tokenizer in the folder "
+                f"(tokenizer.json with tokenizer_config.json; for a GGUF file, import it with "
+                f"`python -m graphgrpo_jax.models.gguf`): {type(err).__name__}: {err}"]
+    vocab = get_field(config, "model.vocab_size", None)
+    if isinstance(vocab, int) and len(tokenizer) > vocab:
+        return [f"config.model.hf_checkpoint = {folder!r}: its tokenizer has {len(tokenizer)} tokens but the "
+                f"model's embedding has {vocab} rows (config.model.vocab_size)"]
+    if get_field(config, "tokenizer.hf_checkpoint", None) == folder and isinstance(vocab, int):
+        from graphgrpo_jax.data import prepare
+
+        tags = [tag for tag in prepare.node_tags() if tag not in tokenizer.get_vocab()]
+        if len(tokenizer) + len(tags) > vocab:
+            return [f"config.model.hf_checkpoint = {folder!r}: the `data` stage adds the {len(tags)} CoT tags as "
+                    f"whole tokens, {len(tokenizer) + len(tags)} in all, but the embedding has {vocab} rows "
+                    f"(config.model.vocab_size); resizing the embedding is not supported yet"]
+    return []
+
+
 def validate(config: ml_collections.ConfigDict, *, stages: Collection[str] | None = None,
-             extra_rules: list[Rule] = ()) -> None:
-    """Raises ConfigError listing every invalid field (all of them, not just the first)."""
+             extra_rules: list[Rule] = (), check_files: bool = True) -> None:
+    """Raises ConfigError listing every invalid field (all of them, not just the first); with `check_files`,
+    also what is wrong with the folders the config names (`checkpoint_errors`)."""
     rules = list(RULES) + list(extra_rules)
     if stages is not None:
         rules.append(Choice("stages", tuple(stages), many=True))
@@ -145,5 +176,7 @@ def validate(config: ml_collections.ConfigDict, *, stages: Collection[str] | Non
         if problem:
             errors.append(f"config.{rule.path} = {problem}")
     errors += _cross_field_errors(config)
+    if check_files and not errors:
+        errors += checkpoint_errors(config)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))

@@ -1,6 +1,8 @@
 r"""Runs an experiment config: `python -m graphgrpo_jax.main --config=configs/relevance.py:cpu --workdir=DIR`.
 
-Overrides go on the command line (`--config.rl.group_size=16`). The config is validated before any work,
+Overrides go on the command line (`--config.rl.group_size=16`). With `model.hf_checkpoint`, the model's
+architecture comes from that folder's config.json (command-line model overrides still win). The config is
+validated before any work,
 written to `<workdir>/config.json`, and its `stages` run in order. Stages talk to each other only through
 the workdir (tokenizer folder, checkpoints, reports), so a re-run resumes where the last one stopped.
 Every stage places its arrays on the device mesh of `config.mesh` (default `single`: one device); a
@@ -9,8 +11,10 @@ multi-host run joins its job here, before any stage runs (`mesh.py`).
 
 from __future__ import annotations
 
+import copy
 import importlib
 import os
+from collections.abc import Collection
 
 import jax
 import ml_collections
@@ -40,8 +44,26 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports.")
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Validates `config` and runs its stages in `workdir` (the library entry point; main() wraps it)."""
+def resolve(config: ml_collections.ConfigDict, explicit: Collection[str] = ()) -> ml_collections.ConfigDict:
+    """A copy of `config` whose model takes its architecture from `model.hf_checkpoint`'s config.json when it
+    names one; `explicit` are dotted fields set on the command line (`model.max_seq_len`), which win."""
+    if not config.get("model") or not config.model.get("hf_checkpoint"):
+        return config
+    from graphgrpo_jax.models import hf  # transformers: loaded only when a checkpoint is named
+
+    resolved = copy.deepcopy(config)
+    model_fields = {field.split(".", 1)[1] for field in explicit if field.startswith("model.")}
+    try:
+        resolved.model = hf.resolve_checkpoint_model(config.model, model_fields)
+    except (OSError, ValueError) as err:
+        raise config_validation.ConfigError(f"invalid config:\n  {err}") from None
+    return resolved
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, explicit: Collection[str] = ()) -> None:
+    """Resolves and validates `config` and runs its stages in `workdir` (the library entry point; main() wraps
+    it, passing the fields set on the command line as `explicit`)."""
+    config = resolve(config, explicit)
     config_validation.validate(config, stages=STAGES)
     # Before anything touches a device: a multi-host job must be joined first (see mesh.py).
     mesh_lib.maybe_initialize_distributed(config.get("mesh"))
@@ -62,7 +84,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
-        run(_CONFIG.value, _WORKDIR.value)
+        run(_CONFIG.value, _WORKDIR.value, explicit=config_flags.get_override_values(flags.FLAGS["config"]))
     except config_validation.ConfigError as err:
         raise app.UsageError(str(err)) from None
 

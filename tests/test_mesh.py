@@ -85,7 +85,7 @@ def test_rules_come_from_the_config():
 @pytest.mark.parametrize("variant, num_devices", [("gpu8", 8), ("v5e_64", 64), ("v5p_128", 64)])
 def test_pod_configs_fit_their_slices(variant, num_devices):
     config = relevance_pod.get_config(variant)
-    config_validation.validate(config, stages=main.STAGES)
+    config_validation.validate(config, stages=main.STAGES, check_files=False)  # no Qwen folder here
     sizes = dict(zip(mesh_lib.MESH_AXES, mesh_lib.mesh_shape(config.mesh, num_devices)))
     batch_shards = sizes["data"] * sizes["fsdp"]
     assert config.optim.batch_size % batch_shards == 0

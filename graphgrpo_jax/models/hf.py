@@ -14,7 +14,7 @@ import functools
 import json
 import math
 import pathlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -82,6 +82,36 @@ def config_from_hf(folder: PathLike) -> ml_collections.ConfigDict:
         max_seq_len=hf.max_position_embeddings,
         scan_unroll=1,  # the scanned layer stack (see `DecoderConfig.unrolled`)
     ))
+
+
+# The fields of a model config that a checkpoint's config.json fixes; compute choices (dtype, param_dtype,
+# remat, scan_unroll) stay the experiment's.
+ARCHITECTURE_FIELDS = ("arch", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                       "mlp_dim", "rope_theta", "rms_norm_eps", "qkv_bias", "qk_norm", "tie_embeddings",
+                       "max_seq_len")
+
+
+def resolve_checkpoint_model(model: ml_collections.ConfigDict,
+                             explicit: Collection[str] = ()) -> ml_collections.ConfigDict:
+    """`model` with its architecture taken from `model.hf_checkpoint`'s config.json, when it names one.
+
+    Every field of `ARCHITECTURE_FIELDS` comes from the checkpoint except those in `explicit` (the fields the
+    user set on the command line), which win; a preset's shapes never silently override the checkpoint's.
+    `preset` records the checkpoint. Without `hf_checkpoint` the config is returned unchanged.
+    """
+    folder = model.get("hf_checkpoint")
+    if not folder:
+        return model
+    if not pathlib.Path(folder).is_dir():
+        raise FileNotFoundError(f"config.model.hf_checkpoint = {folder!r}: no such folder")
+    from_checkpoint = config_from_hf(folder)
+    resolved = ml_collections.ConfigDict(model.to_dict())
+    with resolved.unlocked():
+        for field in ARCHITECTURE_FIELDS:
+            if field not in explicit:
+                resolved[field] = from_checkpoint[field]
+        resolved.preset = from_checkpoint.preset
+    return resolved
 
 
 class _Tensor(NamedTuple):
