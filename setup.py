@@ -17,6 +17,8 @@ INSTALL_REQUIRES = [
     "transformers==5.24.0",  # tokenizers and configs only; no torch at run time
     "tokenizers==0.23.3",
     "safetensors==0.8.0",
+    "gguf==0.19.0",  # reads GGUF checkpoints (models/gguf.py); needs only numpy, pyyaml, requests, tqdm
+    "jinja2==3.1.6",  # renders checkpoints' chat templates (transformers' apply_chat_template)
     "numpy==2.4.6",
     "pyarrow==26.0.1",
     "tantivy==0.27.0",
