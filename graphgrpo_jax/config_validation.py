@@ -156,7 +156,7 @@ def checkpoint_errors(config: ml_collections.ConfigDict) -> list[str]:
         if len(tokenizer) + len(tags) > vocab:
             return [f"config.model.hf_checkpoint = {folder!r}: the `data` stage adds the {len(tags)} CoT tags as "
                     f"whole tokens, {len(tokenizer) + len(tags)} in all, but the embedding has {vocab} rows "
-                    f"(config.model.vocab_size); resizing the embedding is not supported yet"]
+                    f"(config.model.vocab_size); leave config.model.vocab_size unset and the embedding grows to fit"]
     return []
 
 

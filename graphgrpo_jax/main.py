@@ -57,7 +57,29 @@ def resolve(config: ml_collections.ConfigDict, explicit: Collection[str] = ()) -
         resolved.model = hf.resolve_checkpoint_model(config.model, model_fields)
     except (OSError, ValueError) as err:
         raise config_validation.ConfigError(f"invalid config:\n  {err}") from None
+    if "vocab_size" not in model_fields:
+        resolved.model.vocab_size = _vocab_with_cot_tags(resolved)
     return resolved
+
+
+def _vocab_with_cot_tags(config: ml_collections.ConfigDict, multiple: int = 64) -> int:
+    """The embedding rows a run needs: the checkpoint's, or, when the `data` stage will add the CoT tags to the
+    checkpoint's own tokenizer and they do not fit (SmolLM2 has no spare rows; Qwen2.5 has), the tokenizer plus
+    the tags, rounded up to `multiple` rows (SFT fills the new rows with the mean embedding)."""
+    vocab = config.model.vocab_size
+    if config.get("tokenizer", {}).get("hf_checkpoint") != config.model.hf_checkpoint:
+        return vocab
+    from graphgrpo_jax import tokenization
+    from graphgrpo_jax.data import prepare
+
+    try:
+        tokenizer = tokenization.load_tokenizer(config.model.hf_checkpoint)
+    except (OSError, ValueError, TypeError):
+        return vocab  # validation names the folder and what is wrong with it
+    needed = len(tokenizer) + sum(tag not in tokenizer.get_vocab() for tag in prepare.node_tags())
+    if needed <= vocab or len(tokenizer) > vocab:  # it fits, or the tokenizer is not this embedding's (an error)
+        return vocab
+    return -(-needed // multiple) * multiple
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, explicit: Collection[str] = ()) -> None:

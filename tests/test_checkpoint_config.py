@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from configs import relevance
@@ -78,13 +79,34 @@ def test_a_fitting_tokenizer_passes(tmp_path):
     config_validation.validate(main.resolve(_config(folder)), stages=main.STAGES)
 
 
-def test_no_room_for_the_cot_tags_is_a_start_up_error(tmp_path):
-    """SmolLM2's embedding has exactly as many rows as its tokenizer: the tags that the `data` stage adds would
-    index past it. Qwen2.5's has spare rows, and this fixture is given them too in the passing case above."""
+def test_no_room_for_the_cot_tags_grows_the_embedding_unless_its_size_is_set(tmp_path):
+    """SmolLM2's embedding has exactly as many rows as its tokenizer: the tags the `data` stage adds need new
+    rows. Qwen2.5's has spare rows (the passing case above keeps its vocab)."""
     folder = _folder(tmp_path, vocab_size=300, tokenizer_size=300)
     size = len(tokenization.load_tokenizer(folder))
+    assert size + 14 > 300
+    resolved = main.resolve(_config(folder))
+    assert resolved.model.vocab_size == -(-(size + 14) // 64) * 64  # rounded up to a multiple of 64
+    config_validation.validate(resolved)
+    config = _config(folder)
+    config.model.vocab_size = 300  # as `--config.model.vocab_size=300` would
+    pinned = main.resolve(config, explicit={"model.vocab_size"})
     with pytest.raises(config_validation.ConfigError, match=rf"adds the 14 CoT tags as whole tokens, {size + 14} in all"):
-        config_validation.validate(main.resolve(_config(folder)))
+        config_validation.validate(pinned)
+
+
+def test_grown_rows_are_the_mean_of_the_checkpoints(tmp_path):
+    folder = LLAMA  # untied: both the embedding and the head grow
+    config = hf.config_from_hf(folder)
+    original = hf.load_params(folder, config)
+    grown = hf.load_params(folder, dict(config.to_dict(), vocab_size=config.vocab_size + 7), grow_vocab=True)
+    np.testing.assert_array_equal(grown["embed_tokens"][:128], original["embed_tokens"])
+    np.testing.assert_allclose(grown["embed_tokens"][128:],
+                               np.broadcast_to(original["embed_tokens"].mean(0), (7, 32)), rtol=1e-6)
+    np.testing.assert_allclose(grown["lm_head"][:, 128:],
+                               np.broadcast_to(original["lm_head"].mean(1)[:, None], (32, 7)), rtol=1e-5)
+    with pytest.raises(ValueError, match=r"tensor (model.embed_tokens|lm_head).weight has shape"):
+        hf.load_params(folder, dict(config.to_dict(), vocab_size=config.vocab_size + 7))  # growing is opt-in
 
 
 def test_the_command_line_takes_the_checkpoint_shapes_and_keeps_its_own_overrides(tmp_path):
@@ -100,3 +122,30 @@ def test_the_command_line_takes_the_checkpoint_shapes_and_keeps_its_own_override
         {"arch": "llama", "hidden_size": 32, "num_layers": 2, "vocab_size": 400, "max_seq_len": 96}
     assert written["tokenizer"]["hf_checkpoint"] == str(folder)  # one override moves weights and tokenizer
     assert len(tokenization.load_tokenizer(tmp_path / "w" / "tokenizer")) == len(tokenization.load_tokenizer(folder)) + 14
+
+
+def test_sft_starts_from_a_checkpoint_whose_embedding_had_no_room_for_the_tags(tmp_path):
+    """data → SFT from a checkpoint whose embedding rows equal its tokenizer (as SmolLM2's do)."""
+    import jax
+
+    from configs import common
+    from graphgrpo_jax import artifacts
+    from graphgrpo_jax.models import decoder
+
+    from graphgrpo_jax.data import prepare
+
+    folder = tmp_path / "checkpoint"
+    world = prepare.load_world(relevance.get_config("micro"))
+    size = len(tokenization.train_tokenizer(prepare.corpus(world), 1000, folder))  # without the CoT tags
+    model = common.model_config("tiny", vocab_size=size)
+    params = decoder.init_params(decoder.DecoderConfig.from_config(model), jax.random.PRNGKey(3))
+    hf.save_hf(params, model, folder)
+    config = _config(folder)
+    config.stages = ("data", "sft")
+    config.sft.num_steps = 2
+    main.run(config, str(tmp_path / "work"))
+    written = json.loads((tmp_path / "work" / "config.json").read_text())
+    assert written["model"]["vocab_size"] == -(-(size + 14) // 64) * 64
+    tuned = artifacts.policy_params(main.resolve(config), str(tmp_path / "work"))
+    assert tuned["embed_tokens"].shape == (written["model"]["vocab_size"], model.hidden_size)
+    np.testing.assert_allclose(np.asarray(tuned["embed_tokens"][:size]), np.asarray(params["embed_tokens"]), atol=0.05)

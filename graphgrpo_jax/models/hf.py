@@ -175,12 +175,24 @@ def checkpoint_files(folder: pathlib.Path) -> dict[str, pathlib.Path]:
     raise FileNotFoundError(f"{folder}: neither {SINGLE_FILE} nor {INDEX_FILE}")
 
 
-def load_params(folder: PathLike, config) -> decoder.Params:
+VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")  # [vocab, hidden] in the Hugging Face layout
+
+
+def grow_rows(weight: np.ndarray, rows: int) -> np.ndarray:
+    """`weight` [V, H] with rows appended up to `rows`, each the mean of the existing ones: a new token starts
+    where an average token is, so its logit and embedding are unremarkable (transformers' `mean_resizing`)."""
+    mean = weight.astype(np.float64).mean(axis=0, keepdims=True).astype(weight.dtype)
+    return np.concatenate([weight, np.repeat(mean, rows - weight.shape[0], axis=0)])
+
+
+def load_params(folder: PathLike, config, *, grow_vocab: bool = False) -> decoder.Params:
     """Params (host numpy arrays in `config.param_dtype`) from a checkpoint folder.
 
     `config` is the model config (e.g. from `config_from_hf`) or a `DecoderConfig`. Every tensor is
     checked before any is converted: a missing one, an unexpected one or a wrong shape is a ValueError
-    naming the file and the tensor. Place the result with `jax.device_put(params, shardings)`.
+    naming the file and the tensor. With `grow_vocab`, an embedding (and untied head) with fewer rows than
+    `config.vocab_size` is grown by `grow_rows` (tokens added to the checkpoint's tokenizer, such as the CoT
+    tags). Place the result with `jax.device_put(params, shardings)`.
     """
     folder = pathlib.Path(folder)
     config = _as_config(config)
@@ -209,10 +221,13 @@ def load_params(folder: PathLike, config) -> decoder.Params:
             for name in names:
                 spec = table[name]
                 shape = tuple(f.get_slice(name).get_shape())
-                if shape != spec.hf_shape:
+                grows = (grow_vocab and name in VOCAB_TENSORS and shape[1:] == spec.hf_shape[1:]
+                         and shape[0] < spec.hf_shape[0])
+                if shape != spec.hf_shape and not grows:
                     raise ValueError(f"{file}: tensor {name} has shape {shape}, expected {spec.hf_shape} "
                                      f"from the model config")
-                slices.setdefault(spec.param_path, {})[spec.layer] = spec.to_params(f.get_tensor(name)).astype(dtype)
+                tensor = grow_rows(f.get_tensor(name), spec.hf_shape[0]) if grows else f.get_tensor(name)
+                slices.setdefault(spec.param_path, {})[spec.layer] = spec.to_params(tensor).astype(dtype)
 
     params: dict = {}
     for path, by_layer in slices.items():

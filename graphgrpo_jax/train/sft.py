@@ -102,14 +102,15 @@ def init_state(config: ml_collections.ConfigDict, model_config: decoder.DecoderC
     """The policy state SFT starts from, placed by `layout`, and its shardings.
 
     Params come from `config.model.hf_checkpoint` when it names a Hugging Face checkpoint folder (each
-    process reads the file and places only its devices' slices), else from the seed.
+    process reads the file and places only its devices' slices), else from the seed. An embedding that
+    `main.resolve` grew for the CoT tags gets mean-initialised rows (`hf.grow_rows`).
     """
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     logical_axes = decoder.param_logical_axes(model_config)
     checkpoint = config.model.get("hf_checkpoint")
     if checkpoint:
         params_like = jax.eval_shape(functools.partial(decoder.init_params, model_config), init_rng)
-        params = mesh_lib.host_to_global(hf.load_params(checkpoint, model_config),
+        params = mesh_lib.host_to_global(hf.load_params(checkpoint, model_config, grow_vocab=True),
                                          layout.param_shardings(params_like, logical_axes))
         return layout.init(lambda p: state_lib.new_state(p, optimizer, state_rng), logical_axes, params)
     return layout.init(lambda: state_lib.new_state(decoder.init_params(model_config, init_rng), optimizer, state_rng),
