@@ -52,3 +52,11 @@ def rewrite() -> ml_collections.ConfigDict:
         # (see `labelled_fraction` in config.rewrite_sft), which RL learns from only through the rewards.
         rl_queries="all",
     ))
+
+
+def export() -> ml_collections.ConfigDict:
+    """`config.export`: the `export` stage's Hugging Face folders (train/export.py)."""
+    return ml_collections.ConfigDict(dict(
+        policies=("rl",),  # "sft" and/or "rl": each to <workdir>/export/<policy>/
+        dtype="float32",  # float32 | bfloat16: the safetensors' dtype
+    ))

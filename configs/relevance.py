@@ -69,6 +69,8 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
     # Graph-node multi-head distillation into MiniLM-L6 (METHOD.md A5); not in the default stages yet:
     # add "distill" to config.stages (about 10 minutes of CPU).
     config.distill = defaults.distill()
+    # Add "export" to config.stages for the trained policy as a Hugging Face folder (<workdir>/export/rl).
+    config.export = defaults.export()
 
     config.eval = ml_collections.ConfigDict(dict(
         policies=("sft", "rl"), splits=("test", "ood"), max_examples=256, batch_size=64,

@@ -105,6 +105,8 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
     # `distill` stage on the world's judged (query, product) pairs and their gold node values (there is no
     # relevance policy here to distil from). 500 steps: at 150 the student is still far from converged.
     config.distill = defaults.distill()
+    # Add "export" to config.stages for the trained policy as a Hugging Face folder (<workdir>/export/rl).
+    config.export = defaults.export()
     config.distill.update(teacher="gold", num_steps=500, log_every=50)
 
     config.rewrite_eval = ml_collections.ConfigDict(dict(

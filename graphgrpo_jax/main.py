@@ -37,6 +37,7 @@ STAGES = {
     "report": "graphgrpo_jax.eval.report:run",
     "distill": "graphgrpo_jax.train.distill:run",
     "lm_smoke": "graphgrpo_jax.train.smoke:run",
+    "export": "graphgrpo_jax.train.export:run",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:variant]).",

@@ -117,7 +117,7 @@ def test_no_import_cycles():
 
 STAGES = ("graphgrpo_jax.train.sft", "graphgrpo_jax.train.rl", "graphgrpo_jax.train.evaluate",
           "graphgrpo_jax.train.distill", "graphgrpo_jax.train.rewrite", "graphgrpo_jax.train.smoke",
-          "graphgrpo_jax.data.prepare", "graphgrpo_jax.eval.report")
+          "graphgrpo_jax.train.export", "graphgrpo_jax.data.prepare", "graphgrpo_jax.eval.report")
 
 
 def test_no_stage_imports_another_stage():
