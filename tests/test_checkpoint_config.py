@@ -15,6 +15,7 @@ from graphgrpo_jax import config_validation, main, tokenization
 from graphgrpo_jax.models import hf
 
 LLAMA = pathlib.Path(__file__).parent / "fixtures" / "hf_llama_tiny"
+TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
 CORPUS = ["query: red running shoes product: trail shoe judge:", "<qs>shoes</qs><y>Exact</y>"] * 20
 
 
@@ -136,16 +137,25 @@ def test_sft_starts_from_a_checkpoint_whose_embedding_had_no_room_for_the_tags(t
 
     folder = tmp_path / "checkpoint"
     world = prepare.load_world(relevance.get_config("micro"))
-    size = len(tokenization.train_tokenizer(prepare.corpus(world), 1000, folder))  # without the CoT tags
+    tokenizer = tokenization.train_tokenizer(prepare.corpus(world), 1000, folder)  # without the CoT tags
+    tokenizer.chat_template = TEMPLATE
+    tokenizer.save_pretrained(str(folder))
+    size = len(tokenizer)
     model = common.model_config("tiny", vocab_size=size)
     params = decoder.init_params(decoder.DecoderConfig.from_config(model), jax.random.PRNGKey(3))
     hf.save_hf(params, model, folder)
     config = _config(folder)
-    config.stages = ("data", "sft")
+    config.stages = ("data", "sft", "export")
     config.sft.num_steps = 2
+    config.export.policies = ("sft",)
     main.run(config, str(tmp_path / "work"))
     written = json.loads((tmp_path / "work" / "config.json").read_text())
     assert written["model"]["vocab_size"] == -(-(size + 14) // 64) * 64
     tuned = artifacts.policy_params(main.resolve(config), str(tmp_path / "work"))
     assert tuned["embed_tokens"].shape == (written["model"]["vocab_size"], model.hidden_size)
     np.testing.assert_allclose(np.asarray(tuned["embed_tokens"][:size]), np.asarray(params["embed_tokens"]), atol=0.05)
+    # The export carries the grown embedding and the checkpoint's chat template with the tags added.
+    exported = tmp_path / "work" / "export" / "sft"
+    assert json.loads((exported / "config.json").read_text())["vocab_size"] == written["model"]["vocab_size"]
+    exported_tokenizer = tokenization.load_tokenizer(exported)
+    assert exported_tokenizer.chat_template == TEMPLATE and len(exported_tokenizer) == size + 14
