@@ -165,3 +165,19 @@ def test_official_truncated_or_incomplete_files(official_copy):
         esci.read_official(examples_path, products_path)
     with pytest.raises(esci.EsciFormatError, match="absent.jsonl: no such file"):
         esci.read_official(examples_path, products_path.with_name("absent.jsonl"))
+
+
+def test_bytes_that_are_not_utf8_are_a_bad_row_not_replacement_characters(tmp_path):
+    good = {"query_id": 1, "query": "tea", "product_id": "A", "product_title": "green tea", "esci_label": "E"}
+    bad = dict(good, product_id="B", product_title="caf\u00e9")
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(b"\n".join([json.dumps(good).encode(), json.dumps(bad, ensure_ascii=False).encode("latin-1"),
+                                   json.dumps(dict(good, product_id="C", product_title="a\u2028b"),
+                                              ensure_ascii=False).encode()]) + b"\n")
+    with pytest.raises(esci.EsciFormatError, match=r"pairs.jsonl, row 2: not UTF-8 \(byte \d+ of the line: b'\\xe9'\)"):
+        esci.read_flat_jsonl(path)
+    data = esci.read_flat_jsonl(path, skip_bad_rows=True)
+    assert data.skipped == {"not UTF-8": 1}
+    # A raw U+2028 inside a JSON string is text, not a line break: the third row is read whole (its title then
+    # gets the readers' usual whitespace cleaning), where splitlines() used to cut it into two broken lines.
+    assert [e.product_title for e in data.examples] == ["green tea", "a b"]

@@ -169,7 +169,17 @@ def _json_lines(path: pathlib.Path, reader: _RowReader | None) -> Iterator[tuple
             data = stream.read()
     except (OSError, pa.ArrowException) as error:
         raise EsciFormatError(path, None, None, f"cannot read file: {error}") from error
-    for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
+    # Lines end at b"\n" only (JSON escapes every other line break, but U+2028 may appear raw inside a string),
+    # and each is decoded strictly: a byte that is not UTF-8 is a bad row, never a replacement character.
+    for number, raw in enumerate(data.removeprefix(b"\xef\xbb\xbf").split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            if reader is None or not reader.skip_bad_rows:
+                raise EsciFormatError(path, number, None, f"not UTF-8 (byte {error.start} of the line: "
+                                                          f"{raw[error.start:error.start + 1]!r})") from error
+            reader.bad(number, None, "not UTF-8")  # counted under one reason
+            continue
         if not line.strip():
             continue
         try:
