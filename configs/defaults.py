@@ -40,7 +40,7 @@ def rewrite() -> ml_collections.ConfigDict:
         w_conv=0.5,
         k=10,  # r_conv's cut-off
         conv_metric="recall",  # recall | ndcg
-        # r_rule's bounds; the defaults of `rl.rewards.rule_violations` (tests/test_configs.py keeps them equal).
+        # r_rule's bounds; the defaults of `rl.rewards.rule_violations` (tests/test_architecture.py keeps them equal).
         rule=dict(min_words=1, max_words=32, max_chars=256, max_word_repeats=2),
         # r_rel's judge (JUDGES): "tagger" (TagJudge) or "rule" (RuleJudge, an oracle for ablations) judge the
         # rewrite's words; "student" or "retrieval_rule" (an oracle) grade the top `k` products it retrieves

@@ -152,10 +152,10 @@ def checkpoint_errors(config: ml_collections.ConfigDict) -> list[str]:
     if get_field(config, "tokenizer.hf_checkpoint", None) == folder and isinstance(vocab, int):
         from graphgrpo_jax.data import prepare
 
-        tags = [tag for tag in prepare.node_tags() if tag not in tokenizer.get_vocab()]
-        if len(tokenizer) + len(tags) > vocab:
-            return [f"config.model.hf_checkpoint = {folder!r}: the `data` stage adds the {len(tags)} CoT tags as "
-                    f"whole tokens, {len(tokenizer) + len(tags)} in all, but the embedding has {vocab} rows "
+        needed = prepare.size_with_node_tags(tokenizer)
+        if needed > vocab:
+            return [f"config.model.hf_checkpoint = {folder!r}: the `data` stage adds the {needed - len(tokenizer)} CoT "
+                    f"tags as whole tokens, {needed} in all, but the embedding has {vocab} rows "
                     f"(config.model.vocab_size); leave config.model.vocab_size unset and the embedding grows to fit"]
     return []
 

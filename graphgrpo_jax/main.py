@@ -77,7 +77,7 @@ def _vocab_with_cot_tags(config: ml_collections.ConfigDict, multiple: int = 64) 
         tokenizer = tokenization.load_tokenizer(config.model.hf_checkpoint)
     except (OSError, ValueError, TypeError):
         return vocab  # validation names the folder and what is wrong with it
-    needed = len(tokenizer) + sum(tag not in tokenizer.get_vocab() for tag in prepare.node_tags())
+    needed = prepare.size_with_node_tags(tokenizer)
     if needed <= vocab or len(tokenizer) > vocab:  # it fits, or the tokenizer is not this embedding's (an error)
         return vocab
     return -(-needed // multiple) * multiple

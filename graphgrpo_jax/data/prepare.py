@@ -23,6 +23,11 @@ def node_tags(nodes=cot.NODES) -> list[str]:
     return [tag for node in nodes for tag in (f"<{node}>", f"</{node}>")]
 
 
+def size_with_node_tags(tokenizer) -> int:
+    """How many tokens a checkpoint's tokenizer holds once this stage has added the CoT tags it lacks."""
+    return len(tokenizer) + sum(tag not in tokenizer.get_vocab() for tag in node_tags())
+
+
 @functools.lru_cache(maxsize=4)
 def _build_world(world_items: tuple) -> world_lib.World:
     return world_lib.build_world(dict(world_items))

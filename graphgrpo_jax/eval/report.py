@@ -12,12 +12,12 @@ import os
 import ml_collections
 import numpy as np
 
+from graphgrpo_jax import artifacts, metrics as metrics_lib
 from graphgrpo_jax.eval import plots
-from graphgrpo_jax import metrics as metrics_lib
 
 
 def _read_rows(workdir: str, stage: str) -> list[dict]:
-    path = os.path.join(workdir, stage, "metrics.jsonl")
+    path = artifacts.metrics_path(workdir, stage)
     return metrics_lib.read_jsonl(path) if os.path.exists(path) else []
 
 
@@ -47,7 +47,7 @@ def rl_summary(rows: list[dict]) -> dict:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    with open(os.path.join(workdir, "eval", "metrics.json")) as f:
+    with open(os.path.join(artifacts.eval_dir(workdir), "metrics.json")) as f:
         results = json.load(f)
     rl_rows = _read_rows(workdir, "rl")
     plot_dir = os.path.join(workdir, "plots")

@@ -404,7 +404,7 @@ def _cached_step(encoder_config: encoder.EncoderConfig, settings: LossSettings, 
 def init_student(encoder_config: encoder.EncoderConfig, heads: Sequence[str], seed: int) -> encoder.Params:
     """Pretrained MiniLM body with fresh heads (one per node of `heads`)."""
     return encoder.load_pretrained(encoder.minilm_folder(), encoder_config,
-                                   {node: len(NODE_VALUES[node]) for node in heads}, jax.random.PRNGKey(seed))
+                                   artifacts.student_head_sizes(heads), jax.random.PRNGKey(seed))
 
 
 def evaluate(params: encoder.Params, config: ml_collections.ConfigDict, encoder_config: encoder.EncoderConfig,
@@ -445,7 +445,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # vocab, embed, heads, mlp); each process places only its slices of the pretrained weights.
     layout = mesh_lib.Layout.from_config(config.get("mesh"))
     step_fn, optimizer = _cached_step(encoder_config, settings, cfg.optim.to_json(sort_keys=True), cfg.num_steps)
-    head_sizes = {node: len(NODE_VALUES[node]) for node in cfg.heads}
+    head_sizes = artifacts.student_head_sizes(cfg.heads)
     logical_axes = encoder.param_logical_axes(encoder_config, head_sizes)
     pretrained = init_student(encoder_config, cfg.heads, config.seed)
     params = mesh_lib.host_to_global(pretrained, layout.param_shardings(pretrained, logical_axes))

@@ -35,7 +35,7 @@ FILE_POLICIES = ("sft", "rl", "student")
 
 
 def _write(workdir: str, name: str, results: dict) -> None:
-    out_dir = os.path.join(workdir, "eval")
+    out_dir = artifacts.eval_dir(workdir)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, name)
     with open(path + ".tmp", "w") as f:
