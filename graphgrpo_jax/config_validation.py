@@ -7,13 +7,16 @@ not checked (configs only carry the sections their stages need); `required` fiel
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Collection
 from typing import Any
 
 import ml_collections
 
+from graphgrpo_jax.data import examples, prompts, teacher
 from graphgrpo_jax.graph import controller, credit
 from graphgrpo_jax.rl import grpo
+from graphgrpo_jax.train import state
 
 
 class ConfigError(ValueError):
@@ -98,7 +101,6 @@ RULES: list[Rule] = [
     positive_int("model.head_dim"),
     positive_int("model.mlp_dim"),
     positive_int("model.max_seq_len"),
-    Range("optim.learning_rate", low=0.0, low_inclusive=False),
     positive_int("optim.batch_size"),
     positive_int("optim.microbatches"),
     positive_int("rl_optim.microbatches"),
@@ -111,7 +113,23 @@ RULES: list[Rule] = [
     Choice("controller.mode", controller.MODES),
     Choice("grpo.loss_type", grpo.LOSS_TYPES),
     Choice("grpo.scale_rewards", grpo.SCALE_REWARDS_MODES),
+    Choice("data.source", ("world", "esci")),  # tasks/relevance.py DATA_SOURCES
+    Choice("data.prompt_style", prompts.PROMPT_STYLES),
+    Choice("data.answer", prompts.ANSWERS),
+    Choice("data.esci.missing", teacher.MISSING_MODES),
+    Range("data.esci.val_fraction", low=0.0, high=1.0),
+    Range("data.esci.test_fraction", low=0.0, high=1.0),
+    Predicate("data.esci.product_fields", lambda fields: _valid_product_fields(fields),
+              f"a sequence of {examples.PRODUCT_FIELDS} holding 'title', each once"),
 ]
+
+
+def _valid_product_fields(fields: Any) -> bool:
+    try:
+        examples.check_product_fields(tuple(fields) if not isinstance(fields, str) else fields)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _cross_field_errors(config: ml_collections.ConfigDict) -> list[str]:
@@ -124,9 +142,42 @@ def _cross_field_errors(config: ml_collections.ConfigDict) -> list[str]:
         count, parts = get_field(config, rows, None), get_field(config, slices, None)
         if isinstance(count, int) and isinstance(parts, int) and parts > 0 and count % parts:
             errors.append(f"config.{slices} = {parts} must divide config.{rows} = {count}")
+    if get_field(config, "data.prompt_style", "plain") == "chat" and not get_field(config, "model.hf_checkpoint", ""):
+        errors.append("config.data.prompt_style = 'chat' needs a checkpoint's chat template: set "
+                      "config.model.hf_checkpoint (a tokenizer trained from scratch has none)")
+    if get_field(config, "data.source", "world") == "esci" and not get_field(config, "data.esci.path", ""):
+        errors.append("config.data.source = 'esci' needs config.data.esci.path: a flat ESCI JSONL file")
+    if "rl" in get_field(config, "stages", ()) and get_field(config, "data.answer", "cot") != "cot" \
+            and get_field(config, "task", "relevance") == "relevance":
+        errors.append(f"config.data.answer = {get_field(config, 'data.answer')!r}: the rl stage rewards the tagged "
+                      f"chain of thought, so it needs 'cot'")
     if get_field(config, "credit.norm", None) == "node" and get_field(config, "grpo.scale_rewards", "group") != "group":
         errors.append(f"config.grpo.scale_rewards = {get_field(config, 'grpo.scale_rewards')!r} applies to "
                       f"config.credit.norm = 'outcome' only; 'node' scales each node by its own group std")
+    return errors
+
+
+OPTIMIZER_SECTIONS = ("optim", "rl_optim", "distill.optim")
+
+
+def _settings_errors(config: ml_collections.ConfigDict, failed_sections: Collection[str]) -> list[str]:
+    """What the frozen settings the stages build would refuse (`state.optimizer_settings` of every optimizer
+    section, `grpo.grpo_settings`), at start-up rather than stages later; a section whose field rules already
+    failed is not checked twice."""
+    errors = []
+    for section in OPTIMIZER_SECTIONS:
+        cfg = get_field(config, section, None)
+        if cfg is not None and section not in failed_sections:
+            try:
+                state.optimizer_settings(cfg, section)
+            except ValueError as err:
+                errors.append(str(err))
+    grpo_cfg = get_field(config, "grpo", None)
+    if grpo_cfg is not None and "grpo" not in failed_sections:
+        try:
+            grpo.grpo_settings(grpo_cfg)
+        except ValueError as err:
+            errors.append(f"config.grpo: {err}")
     return errors
 
 
@@ -145,6 +196,9 @@ def checkpoint_errors(config: ml_collections.ConfigDict) -> list[str]:
         return [f"config.model.hf_checkpoint = {folder!r}: no usable tokenizer in the folder "
                 f"(tokenizer.json with tokenizer_config.json; for a GGUF file, import it with "
                 f"`python -m graphgrpo_jax.models.gguf`): {type(err).__name__}: {err}"]
+    if get_field(config, "data.prompt_style", "plain") == "chat" and not getattr(tokenizer, "chat_template", None):
+        return [f"config.data.prompt_style = 'chat' but the tokenizer of config.model.hf_checkpoint = {folder!r} "
+                f"has no chat template; use 'plain'"]
     vocab = get_field(config, "model.vocab_size", None)
     if isinstance(vocab, int) and len(tokenizer) > vocab:
         return [f"config.model.hf_checkpoint = {folder!r}: its tokenizer has {len(tokenizer)} tokens but the "
@@ -160,6 +214,21 @@ def checkpoint_errors(config: ml_collections.ConfigDict) -> list[str]:
     return []
 
 
+def data_file_errors(config: ml_collections.ConfigDict) -> list[str]:
+    """The files the data section names that are not there: the ESCI rows, a teacher file (by path)."""
+    if get_field(config, "data.source", "world") != "esci":
+        return []
+    errors = []
+    path = get_field(config, "data.esci.path", "")
+    if path and not os.path.isfile(path):
+        errors.append(f"config.data.esci.path = {path!r}: no such file")
+    mode = get_field(config, "data.esci.teacher", "rule")
+    if mode not in examples.TEACHER_MODES and not os.path.isfile(str(mode)):
+        errors.append(f"config.data.esci.teacher = {mode!r}: neither one of {examples.TEACHER_MODES} nor a "
+                      f"teacher file")
+    return errors
+
+
 def validate(config: ml_collections.ConfigDict, *, stages: Collection[str] | None = None,
              extra_rules: list[Rule] = (), check_files: bool = True) -> None:
     """Raises ConfigError listing every invalid field (all of them, not just the first); with `check_files`,
@@ -167,7 +236,7 @@ def validate(config: ml_collections.ConfigDict, *, stages: Collection[str] | Non
     rules = list(RULES) + list(extra_rules)
     if stages is not None:
         rules.append(Choice("stages", tuple(stages), many=True))
-    errors = []
+    errors, failed_sections = [], set()
     for rule in rules:
         value = get_field(config, rule.path, _ABSENT)
         if value is _ABSENT:
@@ -175,8 +244,10 @@ def validate(config: ml_collections.ConfigDict, *, stages: Collection[str] | Non
         problem = rule.check(value)
         if problem:
             errors.append(f"config.{rule.path} = {problem}")
+            failed_sections.add(rule.path.rpartition(".")[0])
     errors += _cross_field_errors(config)
+    errors += _settings_errors(config, failed_sections)
     if check_files and not errors:
-        errors += checkpoint_errors(config)
+        errors += checkpoint_errors(config) + data_file_errors(config)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))

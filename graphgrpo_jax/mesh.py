@@ -30,6 +30,7 @@ on 8 devices restores on 1 and vice versa. Logs and metrics are written by proce
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import os
 import types
@@ -261,18 +262,27 @@ def shard_step(step_fn: Callable, mesh: Mesh, state_shardings: PyTree,
 
 def shard_rl_update(update: Callable, mesh: Mesh, params_shardings: PyTree, opt_shardings: PyTree, *,
                     reference: bool, batch_shardings: PyTree | None = None) -> Callable:
-    """`train/rl.py`'s `update(params, opt_state, phi, batch, graph, ref_params)` with explicit shardings.
+    """`train/rl.py`'s `update(params, opt_state, phi, batch, graph, ref_params) -> (params, opt_state, g_phi,
+    metrics)` with explicit shardings, each argument's found by its name in the update's signature, so that
+    the two cannot drift apart (a parameter this function does not know fails here, naming it).
 
     The token batch is split over the batch axes; φ and the rollout graph (small, and read whole by the
-    credit computation) are replicated; the reference params (when `reference`, i.e. `beta > 0`) share
-    the policy's shardings. Params and optimizer state are donated.
+    credit computation) are replicated; the reference params (when `reference`, i.e. `beta > 0`; else None)
+    share the policy's shardings. Params and optimizer state are donated and come back in their shardings;
+    the φ-gradient and the metrics come back replicated.
     """
     rep = replicated(mesh)
-    batch_shardings = batch_sharding(mesh) if batch_shardings is None else batch_shardings
-    ref_shardings = params_shardings if reference else None
-    return jax.jit(update, in_shardings=(params_shardings, opt_shardings, rep, batch_shardings, rep,
-                                         ref_shardings),
-                   out_shardings=(params_shardings, opt_shardings, rep, rep), donate_argnums=(0, 1))
+    by_name = {"params": params_shardings, "opt_state": opt_shardings, "phi": rep,
+               "batch": batch_sharding(mesh) if batch_shardings is None else batch_shardings, "graph": rep,
+               "ref_params": params_shardings if reference else None}
+    names = list(inspect.signature(update).parameters)
+    unknown = [name for name in names if name not in by_name]
+    if unknown:
+        raise TypeError(f"shard_rl_update: the update's parameters {unknown} have no sharding; an RL update "
+                        f"takes {list(by_name)}")
+    return jax.jit(update, in_shardings=tuple(by_name[name] for name in names),
+                   out_shardings=(params_shardings, opt_shardings, rep, rep),
+                   donate_argnums=tuple(i for i, name in enumerate(names) if name in ("params", "opt_state")))
 
 
 def _check_prompts(prompt_tokens, prompt_mask, group_size: int) -> None:

@@ -231,7 +231,7 @@ def test_outcome_variant_is_grpo(spec):
 
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
 def test_scale_rewards_reaches_the_advantages(spec, scale):
-    """`grpo.scale_rewards` as TRL defines it: the group's mean, divided by the group's std, the whole batch's,
+    """`config.grpo.scale_rewards` as TRL defines it: the group's mean, divided by the group's std, the whole batch's,
     or nothing; a group without spread gets 0 in every mode. Outcome GRPO and graph credit (outcome norm)."""
     rewards, values, gold, tokens, mask = random_batch(spec, seed=7)
     grouped = rewards.reshape(-1, 4)

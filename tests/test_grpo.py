@@ -1,4 +1,8 @@
-"""GRPO core: every loss mode, clip and KL option against an independent numpy reference."""
+"""GRPO core: its settings, every loss mode, clip and KL option against an independent numpy reference.
+
+The group normalisation of rewards is `graph/credit.py`'s (outcome GRPO is its `outcome` variant), tested in
+test_credit.py; every option reaching the RL update is tested in test_rl_update.py.
+"""
 
 import functools
 
@@ -17,8 +21,7 @@ def make_cfg(**overrides):
     cfg.num_generations = G
     cfg.max_completion_length = 16
     cfg.update(overrides)
-    grpo.validate_grpo_config(cfg)
-    return cfg
+    return grpo.grpo_settings(cfg)
 
 
 # ---------------------------------------------------------------- numpy reference (from the formulas)
@@ -27,20 +30,6 @@ def make_cfg(**overrides):
 def np_unbiased_std(x):
     x = np.asarray(x, np.float64)
     return np.sqrt(np.sum((x - x.mean()) ** 2) / (x.size - 1))
-
-
-def np_scale_rewards(rewards, group_size, mode):
-    rewards = np.asarray(rewards, np.float64)
-    out = np.zeros_like(rewards)
-    batch_std = np_unbiased_std(rewards)
-    for start in range(0, rewards.size, group_size):
-        group = rewards[start : start + group_size]
-        if group.max() == group.min():
-            continue
-        centred = group - group.mean()
-        scale = {"group": np_unbiased_std(group) + 1e-4, "batch": batch_std + 1e-4, "none": 1.0}[mode]
-        out[start : start + group_size] = centred / scale
-    return out
 
 
 def np_policy_loss(logp, old, adv, mask, *, eps_low, eps_high, delta, beta, ref, loss_type, max_len):
@@ -93,56 +82,7 @@ def run(batch, cfg, **kwargs):
     )
 
 
-# ---------------------------------------------------------------- reward scaling
-
-
-def test_scale_rewards_hand_worked():
-    rewards = jnp.array([1.0, 0.0, 1.0, 0.0, 2.0, 2.0, 2.0, 2.0])
-    # Group 1: mean 0.5, unbiased std sqrt(1/3); group 2 has no spread.
-    expected = np.array([0.5, -0.5, 0.5, -0.5, 0, 0, 0, 0]) / (np.sqrt(1 / 3) + 1e-4)
-    np.testing.assert_allclose(grpo.scale_rewards(rewards, 4, "group"), expected, rtol=1e-6)
-    batch_std = np.std([1, 0, 1, 0, 2, 2, 2, 2], ddof=1)
-    np.testing.assert_allclose(
-        grpo.scale_rewards(rewards, 4, "batch"),
-        np.array([0.5, -0.5, 0.5, -0.5, 0, 0, 0, 0]) / (batch_std + 1e-4), rtol=1e-6,
-    )
-    np.testing.assert_allclose(
-        grpo.scale_rewards(rewards, 4, "none"), [0.5, -0.5, 0.5, -0.5, 0, 0, 0, 0], atol=0
-    )
-
-
-@pytest.mark.parametrize("mode", grpo.SCALE_REWARDS_MODES)
-def test_scale_rewards_matches_numpy(mode):
-    rewards = np.random.default_rng(1).normal(size=24).astype(np.float32)
-    rewards[8:16] = 0.1  # one zero-spread group, of a value whose float mean is not exact
-    got = grpo.scale_rewards(jnp.asarray(rewards), 8, mode)
-    np.testing.assert_allclose(got, np_scale_rewards(rewards, 8, mode), rtol=1e-5, atol=1e-6)
-    assert np.all(np.asarray(got[8:16]) == 0.0)
-
-
-@pytest.mark.parametrize("mode", grpo.SCALE_REWARDS_MODES)
-def test_zero_spread_gives_zero_advantage_and_finite_gradient(mode):
-    rewards = jnp.full((8,), 0.7)
-    weights = jnp.asarray(np.random.default_rng(2).normal(size=8), jnp.float32)
-    advantages, grad = jax.value_and_grad(lambda r: jnp.sum(weights * grpo.scale_rewards(r, 4, mode)))(
-        rewards
-    )
-    assert advantages == 0.0
-    assert np.all(np.isfinite(grad))
-    # Through the loss as well: an all-zero-advantage batch gives a zero, finite gradient.
-    def loss_of(r):
-        advantages = grpo.scale_rewards(r, 4, mode)
-        return grpo.policy_loss(jnp.zeros((8, 3)), None, advantages, jnp.ones((8, 3)), make_cfg())[0]
-
-    loss_grad = jax.grad(loss_of)(rewards)
-    assert np.all(np.isfinite(loss_grad))
-
-
-def test_scale_rewards_rejects_ragged_groups():
-    with pytest.raises(ValueError, match="groups of 4"):
-        grpo.scale_rewards(jnp.zeros(6), 4)
-    with pytest.raises(ValueError, match="'median'"):
-        grpo.scale_rewards(jnp.zeros(8), 4, "median")
+# ---------------------------------------------------------------- reward logs
 
 
 def test_group_reward_stats():
@@ -150,6 +90,10 @@ def test_group_reward_stats():
     np.testing.assert_allclose(stats["reward"], 10 / 8)
     np.testing.assert_allclose(stats["reward_std"], np.sqrt(1 / 3) / 2, rtol=1e-6)
     np.testing.assert_allclose(stats["frac_reward_zero_std"], 0.5)
+    # A group of equal rewards whose float mean is not exact still counts as zero spread (an exact test).
+    stats = grpo.group_reward_stats(jnp.array([0.1] * 8 + [1.0, 0.0] * 4), 8)
+    np.testing.assert_allclose(stats["frac_reward_zero_std"], 0.5)
+    np.testing.assert_allclose(stats["reward_std"], np.std([1.0, 0.0] * 4, ddof=1) / 2, rtol=1e-6)
 
 
 # ---------------------------------------------------------------- the loss
@@ -220,8 +164,9 @@ def test_first_iteration_loss_and_gradient():
     zero group mean. `dapo` and `dr_grpo` weight sequences by length, which is not 0 when lengths
     differ. The gradient is -A_i / (N * L_i) on each token of sequence i (grpo), never all zero.
     """
-    rewards = jnp.array([1.0, 0.0, 0.0, 1.0, 0.3, 0.9, 0.1, 0.2])
-    advantages = grpo.scale_rewards(rewards, G, "group")
+    rewards = np.array([[1.0, 0.0, 0.0, 1.0], [0.3, 0.9, 0.1, 0.2]])
+    centred = rewards - rewards.mean(axis=1, keepdims=True)
+    advantages = jnp.asarray((centred / rewards.std(axis=1, ddof=1, keepdims=True)).reshape(-1), jnp.float32)
     lengths = np.array([3, 7, 12, 5, 9, 2, 12, 4])
     mask = jnp.asarray((np.arange(T)[None, :] < lengths[:, None]).astype(np.float32))
     logp = jnp.asarray(np.random.default_rng(4).normal(-2.0, 0.5, (N, T)).astype(np.float32))
@@ -317,16 +262,32 @@ def test_outcome_advantages_broadcast_over_tokens(batch):
     "field, value",
     [("num_generations", 1), ("epsilon", 1.0), ("delta", 1.2), ("beta", -0.1),
      ("loss_type", "bnpo_typo"), ("scale_rewards", "global"), ("num_iterations", 0),
-     ("max_completion_length", 0)],
+     ("max_completion_length", 0), ("num_iterations", 1.5), ("beta", "0.1"),
+     ("mask_truncated_completions", 1)],
 )
 def test_config_errors_name_the_field(field, value):
-    cfg = grpo.default_grpo_config()
+    cfg = dict(grpo.default_grpo_config())
     cfg[field] = value
     with pytest.raises(ValueError, match=f"'{field}'"):
-        grpo.validate_grpo_config(cfg)
+        grpo.grpo_settings(cfg)
+
+
+def test_settings_are_the_config_frozen():
+    """The defaults agree with the config's, a typo'd field is refused rather than ignored, and the settings
+    are hashable (the RL update is cached on them)."""
+    assert grpo.grpo_settings(grpo.default_grpo_config()) == grpo.GrpoSettings()
+    assert hash(make_cfg(beta=0.1)) == hash(make_cfg(beta=0.1)) and make_cfg(beta=0.1) != make_cfg()
+    cfg = grpo.default_grpo_config()
+    cfg.epsilon_hi = 0.3
+    with pytest.raises(ValueError, match="'epsilon_hi': no such option"):
+        grpo.grpo_settings(cfg)
 
 
 def test_dr_grpo_rejects_completions_wider_than_its_normaliser():
     cfg = make_cfg(loss_type="dr_grpo", max_completion_length=4)
     with pytest.raises(ValueError, match="max_completion_length"):
         grpo.policy_loss(jnp.zeros((2, 5)), None, jnp.zeros(2), jnp.ones((2, 5)), cfg)
+    # Rows that start with a prompt block: only the completion part must fit.
+    after_prompt = jnp.ones((2, 5)).at[:, 0].set(0.0)
+    loss, _ = grpo.policy_loss(jnp.zeros((2, 5)), None, jnp.ones(2), after_prompt, cfg, completion_width=4)
+    np.testing.assert_allclose(loss, -(2 * 4) / (2 * 4))

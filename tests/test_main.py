@@ -74,6 +74,22 @@ def test_bad_enum_of_the_rl_sections_fails_validation_naming_the_field(field, va
         config_validation.validate(config, stages=main.STAGES)
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("rl_optim.schedule", "linear", "config.rl_optim.schedule = 'linear': choose one of"),
+    ("distill.optim.b2", 1.0, r"config.distill.optim.b2 = 1.0: must lie in \[0, 1\)"),
+    ("optim.warmup", 10, "config.optim.warmup = 10: no such option"),
+    ("grpo.beta", -0.1, "config.grpo: GRPO config field 'beta' = -0.1: must be >= 0"),
+    ("grpo.epsilon", 1.0, r"config.grpo: GRPO config field 'epsilon' = 1.0: must lie in \[0, 1\)"),
+])
+def test_bad_optimizer_or_grpo_settings_fail_validation_naming_the_field(field, value, message):
+    """The frozen settings the RL and distillation stages build are checked at start-up, before SFT runs."""
+    config = relevance.get_config("micro")
+    section, _, name = field.rpartition(".")
+    config_validation.get_field(config, section)[name] = value  # adds the field where it is a typo
+    with pytest.raises(config_validation.ConfigError, match=message):
+        config_validation.validate(config, stages=main.STAGES)
+
+
 def test_batch_reward_scaling_under_node_norm_fails_validation():
     config = relevance.get_config("micro")
     config.credit.norm, config.grpo.scale_rewards = "node", "batch"

@@ -295,6 +295,24 @@ def test_microbatched_grpo_update_on_a_mesh_matches_one_device(parts, one_device
     assert max_abs_diff(g_phi, one_device["g_phi"]) <= TOLERANCE
 
 
+def test_rl_update_shardings_follow_its_signature():
+    """Arguments are matched by name, so an update whose parameters come in another order is sharded right, and
+    one with a parameter of no known sharding fails, naming it."""
+    mesh = mesh_of((8, 1, 1))
+    rep, split = mesh_lib.replicated(mesh), NamedSharding(mesh, P("data"))
+
+    def reordered(phi, params, opt_state, graph, batch, ref_params):
+        return params, opt_state, phi, {"rows": batch.sum()}
+
+    update = mesh_lib.shard_rl_update(reordered, mesh, split, rep, reference=False)
+    # φ has 3 entries: given the params' sharding (8 devices over its one axis) as a hand copy would, it fails.
+    params, _, _, out = update(np.ones(3), np.zeros(8), np.zeros(2), np.zeros(1), np.arange(8.0), None)
+    assert params.sharding == split and float(out["rows"]) == 28.0
+    with pytest.raises(TypeError, match=r"parameters \['ref', 'extra'\] have no sharding"):
+        mesh_lib.shard_rl_update(lambda params, opt_state, phi, batch, graph, ref, extra: None, mesh, rep, rep,
+                                 reference=False)
+
+
 def test_grpo_update_matches_one_device(sharded, one_device):
     reference = one_device["rl_metrics"]
     assert abs(float(sharded["rl_metrics"]["loss"]) - float(reference["loss"])) <= TOLERANCE

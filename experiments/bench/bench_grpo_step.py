@@ -57,7 +57,7 @@ def tokenizer_and_prompts(vocab_size: int, folder: str, max_len: int) -> tuple[o
     of at most `max_len` tokens."""
     world = world_lib.build_world()
     tokenizer = tokenization.train_tokenizer(prepare.corpus(world), vocab_size, folder,
-                                             extra_special_tokens=prepare.node_tags())
+                                             extra_special_tokens=cot.node_tags())
     prompts = [cot.prompt_text(p.query, p.product_title) for p in world.pairs]
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     return tokenizer, [p for p, n in zip(prompts, lengths) if n <= max_len]

@@ -28,13 +28,15 @@ The computation (METHOD.md A2, with R_i the outcome and groups the prompts' roll
 2. Propagation from the root, level by level with segment sums over the edges:
    c_{i,root} = R_i, c_{i,v} = (1 - Σ_{u->v} φ'_uv)·ℓ_{i,v} + Σ_{u->v} φ'_uv·c_{i,u}.
 3. Normalisation inside each group (`norm`): A = (c - mean_j c_j) / (std_j R_j + eps) (`outcome`)
-   or / (std_j c_j + eps) (`node`). Under `outcome` the reward scale follows `grpo.scale_rewards`, as in
-   TRL: the group's std (`group`), the whole batch's (`batch`) or none (`none`, no division); the mean is
-   always the group's. `node` defines its own scale and takes only `group`. Stds are unbiased (n - 1), as TRL's GRPO and `rl/grpo.py`. A
+   or / (std_j c_j + eps) (`node`). Under `outcome` the reward scale follows `config.grpo.scale_rewards`,
+   as in TRL: the group's std (`group`), the whole batch's (`batch`) or none (`none`, no division); the
+   mean is always the group's. `node` defines its own scale and takes only `group`. Stds are unbiased
+   (n - 1), as TRL's GRPO; `eps` is `credit.eps`, 1e-6 by default (TRL adds 1e-4). A
    group whose outcomes are all equal gets A = 0 in every mode (it carries no outcome signal, and the
    division would blow rule evidence up); under `node`, so does a node whose credit has no spread.
    Both are exact tests (max == min), and every std and division is guarded so that gradients are
-   finite there.
+   finite there. `group_moments` is the package's one group statistic: the RL stage's reward logs
+   (`rl/grpo.group_reward_stats`) read it too.
 4. A node missing from a rollout gets advantage 0 (tokens of a span whose value did not parse
    included); the root never does, since R_i is defined for every rollout (r_format for format
    failures), so the tokens of a failed generation still learn. `outcome` knows nothing of nodes and
@@ -82,7 +84,7 @@ def default_credit_config() -> ml_collections.ConfigDict:
         evidence="group_value",  # group_value | rule_consistency
         kappa=0.0,  # group_value smoothing towards the group mean outcome
         norm="outcome",  # outcome (default) | node (paper-faithful)
-        eps=1e-6,
+        eps=1e-6,  # added to every std an advantage is divided by (TRL's constant is 1e-4)
     ))
 
 
@@ -120,7 +122,7 @@ class CreditSettings:
     scale_rewards: str = "group"  # config.grpo.scale_rewards: the reward std of a group, of the batch, or none
 
 
-SCALE_REWARDS_MODES = ("group", "batch", "none")  # the modes of `rl.grpo.scale_rewards`
+SCALE_REWARDS_MODES = ("group", "batch", "none")  # the modes of `config.grpo.scale_rewards`
 
 
 def credit_settings(cfg: Mapping[str, Any] | ml_collections.ConfigDict,
@@ -237,15 +239,17 @@ def _safe_sqrt(x: jax.Array) -> jax.Array:
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
 
 
-class _GroupMoments(NamedTuple):
+class GroupMoments(NamedTuple):
     mean: jax.Array
     std: jax.Array
     spread: jax.Array  # bool: max > min, exact
 
 
-def _group_moments(x: jax.Array, segments: jax.Array, num_segments: int,
-                   real: jax.Array) -> _GroupMoments:
-    """Mean, unbiased std and spread of `x` within its segment, gathered back to every element."""
+def group_moments(x: jax.Array, segments: jax.Array, num_segments: int, real: jax.Array) -> GroupMoments:
+    """Mean, unbiased std and spread of `x` within its segment, over the elements that are `real`, gathered
+    back to every element. The one group statistic of the package (advantages and reward logs), so that a
+    group's std and its no-signal test (spread, exact) cannot differ between them; gradients are finite at
+    zero spread."""
     count = jraph.segment_sum(real.astype(jnp.float32), segments, num_segments)
     total = jraph.segment_sum(jnp.where(real, x, 0.0), segments, num_segments)
     mean = (total / jnp.maximum(count, 1.0))[segments]
@@ -253,7 +257,7 @@ def _group_moments(x: jax.Array, segments: jax.Array, num_segments: int,
     std = _safe_sqrt(squares / jnp.maximum(count - 1.0, 1.0))[segments]
     high = jraph.segment_max(jnp.where(real, x, -jnp.inf), segments, num_segments)
     low = jraph.segment_min(jnp.where(real, x, jnp.inf), segments, num_segments)
-    return _GroupMoments(mean, std, (high > low)[segments])
+    return GroupMoments(mean, std, (high > low)[segments])
 
 
 def _normalise(centred: jax.Array, denominator: jax.Array, ok: jax.Array) -> jax.Array:
@@ -261,12 +265,12 @@ def _normalise(centred: jax.Array, denominator: jax.Array, ok: jax.Array) -> jax
     return jnp.where(ok, centred / jnp.where(ok, denominator, 1.0), 0.0)
 
 
-def _reward_denominator(batch: _Batch, moments: _GroupMoments, settings: CreditSettings) -> jax.Array:
+def _reward_denominator(batch: _Batch, moments: GroupMoments, settings: CreditSettings) -> jax.Array:
     """[g] what a rollout's centred outcome is divided by, by `settings.scale_rewards`."""
     if settings.scale_rewards == "group":
         return moments.std + settings.eps
     if settings.scale_rewards == "batch":
-        whole = _group_moments(batch.reward, jnp.zeros_like(batch.group), 1, batch.graph_real)
+        whole = group_moments(batch.reward, jnp.zeros_like(batch.group), 1, batch.graph_real)
         return whole.std + settings.eps
     return jnp.ones_like(moments.std)
 
@@ -291,7 +295,7 @@ class _Context(NamedTuple):
     batch: _Batch
     reward_node: jax.Array  # [n] R of the node's rollout
     outcome_advantage: jax.Array  # [g] Â_i, plain GRPO
-    reward_moments: _GroupMoments  # [g]
+    reward_moments: GroupMoments  # [g]
     reward_denominator: jax.Array  # [g] the outcome's scale (`scale_rewards`), eps included
     node_level: jax.Array  # [n]
     is_root: jax.Array  # [n] bool
@@ -299,7 +303,7 @@ class _Context(NamedTuple):
 
 def _context(graph: jraph.GraphsTuple, spec: GraphSpec, settings: CreditSettings) -> _Context:
     batch = _batch_view(graph, spec)
-    moments = _group_moments(batch.reward, batch.group, batch.num_graphs, batch.graph_real)
+    moments = group_moments(batch.reward, batch.group, batch.num_graphs, batch.graph_real)
     denominator = _reward_denominator(batch, moments, settings)
     return _Context(
         batch=batch,
@@ -369,7 +373,7 @@ def _node_advantages(ctx: _Context, credits: jax.Array, spec: GraphSpec,
                      settings: CreditSettings) -> jax.Array:
     """Group-normalised node advantages (`norm`), 0 on missing non-root nodes and padding."""
     b = ctx.batch
-    node_moments = _group_moments(credits, b.node_group_slot, b.num_graphs * spec.num_nodes, b.node_real)
+    node_moments = group_moments(credits, b.node_group_slot, b.num_graphs * spec.num_nodes, b.node_real)
     outcome_spread = ctx.reward_moments.spread[b.node_graph]
     if settings.norm == "outcome":
         denominator, ok = ctx.reward_denominator[b.node_graph], outcome_spread

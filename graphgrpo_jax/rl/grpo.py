@@ -1,12 +1,16 @@
-"""The GRPO core shared by relevance and rewriting: reward scaling and the clipped policy loss.
+"""The GRPO core shared by relevance and rewriting: its settings, the clipped policy loss and the reward logs.
 
 METHOD.md section C. Option names and definitions follow TRL's `GRPOTrainer` so that configs and logs
-read the same as there:
+read the same as there (`config.grpo`, read once into the frozen `GrpoSettings` by `grpo_settings`):
 
+* `num_generations`: G, rollouts per prompt, laid out as contiguous blocks of G rows.
 * `scale_rewards`: `group` (TRL's default), `batch` or `none`; the mean is always the group's, the
-  std is the group's (`group`) or the whole batch's (`batch`), unbiased, plus `1e-4`.
+  std is the group's (`group`) or the whole batch's (`batch`), unbiased, plus `credit.eps`. The
+  advantages are computed in `graph/credit.py` (outcome GRPO is its `outcome` variant), which takes this
+  option through `credit_settings(..., scale_rewards=)`.
 * `loss_type`: `grpo` (per-sequence token mean, then mean over sequences), `dapo` (token mean over the
-  batch) and `dr_grpo` (token sum over `N · max_completion_length`, a constant).
+  batch) and `dr_grpo` (token sum over `N · max_completion_length`, a constant; the only reader of
+  `max_completion_length`).
 * `epsilon` / `epsilon_high`: the lower / upper clip range of the ratio (DAPO's clip-higher).
 * `delta`: TRL's two-sided clip, the ratio capped at `delta` before the surrogate. With
   `delta > 1 + epsilon_high` (enforced) it touches only tokens with negative advantage, where it bounds
@@ -14,16 +18,21 @@ read the same as there:
   recipes, so no second option exists for it.
 * `beta`: weight of the k3 estimate of KL(π_θ ‖ π_ref), `exp(ref − logp) − (ref − logp) − 1`,
   added per token; `beta = 0` needs no reference model.
+* `num_iterations`: μ, policy updates per generated batch (the first has ratio 1, so the clip options
+  act from the second on).
 * `mask_truncated_completions`: rows flagged truncated (no EOS before the length limit) leave the loss.
 
 Advantages are per token, `[N, T]`, so graph credit plugs in directly; outcome GRPO is the special case
 where every token of a response carries the same value (a `[N]` array is broadcast that way).
-Everything here is a pure function of arrays; the config is read at trace time, so close over it (or
-`functools.partial`) before `jax.jit`.
+Everything here is a pure function of arrays; the settings are read at trace time, so close over them
+(or `functools.partial`) before `jax.jit`. The loss functions read the options as attributes, of a
+`GrpoSettings` or of the config section itself.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -31,10 +40,10 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
-from graphgrpo_jax.graph.credit import SCALE_REWARDS_MODES  # the credit functions apply them
+# The credit functions apply `scale_rewards` (and compute the group statistics the reward logs read too).
+from graphgrpo_jax.graph.credit import SCALE_REWARDS_MODES, group_moments
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
-STD_EPS = 1e-4  # TRL's constant: keeps a tiny spread from blowing advantages up.
 
 
 def default_grpo_config() -> ml_collections.ConfigDict:
@@ -48,15 +57,62 @@ def default_grpo_config() -> ml_collections.ConfigDict:
             beta=0.0,  # KL weight; 0 means no reference model
             loss_type="grpo",
             scale_rewards="group",
-            num_iterations=1,  # mu: policy updates per generated batch (read by the training loop)
+            num_iterations=1,  # mu: policy updates per generated batch (the update's scan)
             mask_truncated_completions=True,
             max_completion_length=256,  # tokens; also the dr_grpo normaliser
         )
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class GrpoSettings:
+    """`config.grpo`, frozen and hashable: the RL update closes over it and is cached on it. The defaults
+    are `default_grpo_config`'s."""
+
+    num_generations: int = 8
+    epsilon: float = 0.2
+    epsilon_high: float = 0.28
+    delta: float | None = None
+    beta: float = 0.0
+    loss_type: str = "grpo"
+    scale_rewards: str = "group"
+    num_iterations: int = 1
+    mask_truncated_completions: bool = True
+    max_completion_length: int = 256
+
+
+_INTEGER_FIELDS = ("num_generations", "num_iterations", "max_completion_length")
+_FLOAT_FIELDS = ("epsilon", "epsilon_high", "delta", "beta")
+
+
+def grpo_settings(cfg: Mapping[str, Any] | ml_collections.ConfigDict | GrpoSettings) -> GrpoSettings:
+    """The validated `GrpoSettings` of a GRPO config section, failing on the first bad field, named: a field
+    `GrpoSettings` does not know (a typo would otherwise be ignored), a number of the wrong type, or a value
+    `validate_grpo_config` refuses."""
+    if isinstance(cfg, GrpoSettings):
+        return cfg
+    known = [field.name for field in dataclasses.fields(GrpoSettings)]
+    unknown = sorted(set(cfg.keys()) - set(known))
+    if unknown:
+        raise ValueError(f"GRPO config field {unknown[0]!r}: no such option; the options are {known}")
+    values = {name: cfg[name] for name in known if name in cfg}
+    for name, value in values.items():
+        if name in _INTEGER_FIELDS and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"GRPO config field {name!r} = {value!r}: must be an integer")
+        if name in _FLOAT_FIELDS and value is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"GRPO config field {name!r} = {value!r}: must be a number")
+            values[name] = float(value)
+    if not isinstance(values.get("mask_truncated_completions", True), bool):
+        raise ValueError(f"GRPO config field 'mask_truncated_completions' = "
+                         f"{values['mask_truncated_completions']!r}: must be True or False")
+    settings = GrpoSettings(**values)
+    validate_grpo_config(settings)
+    return settings
+
+
 def validate_grpo_config(cfg: Any) -> None:
-    """Fails on the first bad GRPO option, naming it; call once at start-up."""
+    """Fails on the first bad GRPO option, naming it; call once at start-up (`grpo_settings` does)."""
 
     def fail(field: str, why: str) -> None:
         raise ValueError(f"GRPO config field {field!r} = {getattr(cfg, field)!r}: {why}")
@@ -81,50 +137,15 @@ def validate_grpo_config(cfg: Any) -> None:
         fail("max_completion_length", "must be >= 1")
 
 
-def _safe_std(x: jax.Array, axis: int | None = None) -> jax.Array:
-    """Unbiased std (torch's default, as TRL uses) whose gradient stays finite at zero spread.
-
-    `sqrt` has an infinite derivative at 0, so the zero-variance case takes a branch that never
-    touches it.
-    """
-    count = x.size if axis is None else x.shape[axis]
-    centred = x - jnp.mean(x, axis=axis, keepdims=True)
-    var = jnp.sum(centred**2, axis=axis, keepdims=True) / max(count - 1, 1)
-    positive = var > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, var, 1.0)), 0.0)
-
-
-def scale_rewards(rewards: jax.Array, group_size: int, mode: str = "group") -> jax.Array:
-    """Group-relative advantages `[N]` from rewards `[N]` laid out as contiguous groups.
-
-    A group whose rewards are all equal carries no learning signal and gets exactly 0 (the float
-    mean of equal numbers is not always equal to them, so this is enforced, not left to rounding).
-    """
-    if mode not in SCALE_REWARDS_MODES:
-        raise ValueError(f"scale_rewards mode {mode!r}: choose one of {SCALE_REWARDS_MODES}")
-    if rewards.ndim != 1 or rewards.shape[0] % group_size:
-        raise ValueError(
-            f"rewards of shape {rewards.shape} do not split into groups of {group_size}"
-        )
-    grouped = rewards.reshape(-1, group_size)
-    zero_spread = jnp.max(grouped, axis=1, keepdims=True) == jnp.min(grouped, axis=1, keepdims=True)
-    centred = jnp.where(zero_spread, 0.0, grouped - jnp.mean(grouped, axis=1, keepdims=True))
-    if mode == "group":
-        centred = centred / (_safe_std(grouped, axis=1) + STD_EPS)
-    elif mode == "batch":
-        centred = centred / (_safe_std(rewards) + STD_EPS)
-    return centred.reshape(rewards.shape)
-
-
 def group_reward_stats(rewards: jax.Array, group_size: int) -> dict[str, jax.Array]:
-    """TRL's reward logs: batch mean, mean within-group std, share of groups with zero std."""
-    grouped = rewards.reshape(-1, group_size)
-    group_std = _safe_std(grouped, axis=1)
-    zero_spread = jnp.max(grouped, axis=1) == jnp.min(grouped, axis=1)
+    """TRL's reward logs: batch mean, mean within-group std, share of groups with zero std (`credit.group_moments`,
+    the statistics the advantages are computed from)."""
+    groups = jnp.arange(rewards.shape[0]) // group_size
+    moments = group_moments(rewards, groups, rewards.shape[0] // group_size, jnp.ones(rewards.shape, bool))
     return {
         "reward": jnp.mean(rewards),
-        "reward_std": jnp.mean(group_std),
-        "frac_reward_zero_std": jnp.mean(zero_spread.astype(jnp.float32)),
+        "reward_std": jnp.mean(moments.std[::group_size]),
+        "frac_reward_zero_std": jnp.mean((~moments.spread[::group_size]).astype(jnp.float32)),
     }
 
 
@@ -136,10 +157,15 @@ class LossWeights(NamedTuple):
     mean: jax.Array  # [N, T]: mask / Σ mask, so a masked token mean is Σ mean · x
 
 
-def loss_weights(mask: jax.Array, cfg: Any, truncated: jax.Array | None = None) -> LossWeights:
+def loss_weights(mask: jax.Array, cfg: Any, truncated: jax.Array | None = None, *,
+                 completion_width: int | None = None) -> LossWeights:
     """The weights of `[N, T]` completion tokens (`mask`) under `cfg.loss_type` (TRL's three definitions):
     `grpo` 1 / (N · the row's length), `dapo` 1 / (tokens in the batch), `dr_grpo` 1 / (N ·
-    max_completion_length); rows flagged `truncated` weigh 0 under `cfg.mask_truncated_completions`."""
+    max_completion_length); rows flagged `truncated` weigh 0 under `cfg.mask_truncated_completions`.
+
+    `completion_width`: the most completion tokens a row can hold, which `dr_grpo`'s normaliser must bound;
+    by default the mask's width, less where the rows start with a prompt block (the RL update's batches:
+    `T` = prompt block + completions)."""
     mask = mask.astype(jnp.float32)
     if truncated is not None and cfg.mask_truncated_completions:
         mask = mask * (1.0 - truncated.astype(jnp.float32))[:, None]
@@ -149,9 +175,10 @@ def loss_weights(mask: jax.Array, cfg: Any, truncated: jax.Array | None = None) 
     elif cfg.loss_type == "dapo":
         loss = mask / jnp.maximum(jnp.sum(mask), 1.0)
     elif cfg.loss_type == "dr_grpo":
-        if mask.shape[-1] > cfg.max_completion_length:
+        width = mask.shape[-1] if completion_width is None else completion_width
+        if width > cfg.max_completion_length:
             raise ValueError(
-                f"completions are {mask.shape[-1]} tokens wide but max_completion_length = "
+                f"completions are {width} tokens wide but max_completion_length = "
                 f"{cfg.max_completion_length}: the dr_grpo normaliser must bound every length"
             )
         loss = mask / (rows * cfg.max_completion_length)
@@ -232,6 +259,7 @@ def policy_loss(
     *,
     truncated: jax.Array | None = None,
     entropy: jax.Array | None = None,
+    completion_width: int | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Clipped GRPO surrogate (+ k3 KL) over completion tokens, and its logs.
 
@@ -241,15 +269,16 @@ def policy_loss(
         `num_iterations = 1`, where they equal `logp` without its gradient.
       advantages: `[N, T]` per-token advantages, or `[N]` for one advantage per response.
       mask: `[N, T]` 1 on completion tokens, 0 on prompt and padding.
-      cfg: GRPO options (see `default_grpo_config`).
+      cfg: GRPO options (`GrpoSettings`, or a section like `default_grpo_config`).
       ref_logp: `[N, T]` reference-model log-probs; required when `cfg.beta > 0`, and when given
         with `beta = 0` the KL is still logged.
       truncated: `[N]` bool, rows that hit the length limit without EOS.
       entropy: `[N, T]` per-token policy entropies, logged only.
+      completion_width: the most completion tokens a row holds (`loss_weights`); default `T`.
 
     Returns:
       The scalar loss to minimise and a dict of scalar logs.
     """
-    loss, metrics = policy_loss_terms(logp, old_logp, advantages, loss_weights(mask, cfg, truncated), cfg,
-                                      ref_logp, entropy=entropy)
+    weights = loss_weights(mask, cfg, truncated, completion_width=completion_width)
+    loss, metrics = policy_loss_terms(logp, old_logp, advantages, weights, cfg, ref_logp, entropy=entropy)
     return loss, {**metrics, **completion_metrics(mask, truncated)}

@@ -30,10 +30,11 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
+import jax.numpy as jnp
 import numpy as np
 
 from graphgrpo_jax.data import cot
-from graphgrpo_jax.rl.grpo import STD_EPS
+from graphgrpo_jax.graph import credit
 from graphgrpo_jax.search.engine import Retriever, ndcg_at_k, recall_at_k
 
 
@@ -440,36 +441,34 @@ def reward_stats(rewards: Mapping[str, Any]) -> dict[str, float]:
     return stats
 
 
-def normalize_within_groups(values: np.ndarray, group_size: int) -> np.ndarray:
-    """`grpo.scale_rewards(mode="group")` over the rows that apply: NaN rows stay NaN and are left
-    out of their group's mean and (unbiased) std, as TRL's `nanmean` / `nanstd` leave them out.
-
-    A group with fewer than two scored rows or no spread gets 0 on its scored rows (no signal), as in
-    `scale_rewards`, which this equals on NaN-free input.
-    """
-    grouped = np.asarray(values, dtype=np.float64).reshape(-1, group_size)
-    scored = ~np.isnan(grouped)
-    count = scored.sum(axis=1, keepdims=True)
-    filled = np.where(scored, grouped, 0.0)
-    mean = filled.sum(axis=1, keepdims=True) / np.maximum(count, 1)
-    centred = np.where(scored, grouped - mean, 0.0)
-    std = np.sqrt((centred**2).sum(axis=1, keepdims=True) / np.maximum(count - 1, 1))
-    spread = (np.where(scored, grouped, -np.inf).max(axis=1, keepdims=True)
-              > np.where(scored, grouped, np.inf).min(axis=1, keepdims=True))  # so >= 2 scored rows
-    normalised = np.where(spread, centred / (std + STD_EPS), 0.0)
-    return np.where(scored, normalised, np.nan).reshape(-1)
+def normalize_within_groups(values: np.ndarray, group_size: int, eps: float = credit.CreditSettings.eps
+                            ) -> np.ndarray:
+    """(value − its group's mean) / (the group's unbiased std + `eps`) over the rows that apply, by
+    `credit.group_moments`, the statistics the advantages are computed from: NaN rows stay NaN and are left
+    out of their group's mean and std, as TRL's `nanmean` / `nanstd` leave them out. A group with fewer than
+    two scored rows or no spread gets 0 on its scored rows (no signal), as the advantages do."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1 or values.size % group_size:
+        raise ValueError(f"values of shape {values.shape} do not split into groups of {group_size}")
+    scored = ~np.isnan(values)
+    moments = credit.group_moments(jnp.asarray(values, jnp.float32), jnp.arange(values.size) // group_size,
+                                   values.size // group_size, jnp.asarray(scored))
+    mean, std, spread = (np.asarray(x) for x in moments)
+    normalised = np.where(spread, (values - mean) / (std + eps), 0.0)
+    return np.where(scored, normalised, np.nan)
 
 
 def aggregate(rewards: Mapping[str, Any], weights: Mapping[str, float] | None, group_size: int,
-              mode: str = "sum_then_normalize") -> tuple[np.ndarray, dict[str, float]]:
+              mode: str = "sum_then_normalize", *, eps: float = credit.CreditSettings.eps
+              ) -> tuple[np.ndarray, dict[str, float]]:
     """One reward `[N]` from several reward functions, as TRL's `multi_objective_aggregation`.
 
     * `sum_then_normalize` (TRL's default): the weighted sum of the raw rewards, skipping NaN
-      (`nansum`); normalise it as usual afterwards (`grpo.scale_rewards(.., cfg.scale_rewards)`).
+      (`nansum`); the credit computation normalises it as usual afterwards (`config.grpo.scale_rewards`).
     * `normalize_then_sum` (GDPO): each reward normalised within its group first
-      (`normalize_within_groups`), then the weighted sum, skipping NaN. TRL then normalises this sum
-      over the whole batch whatever `scale_rewards` says; its group means are already 0, so that is
-      `grpo.scale_rewards(.., "batch")`.
+      (`normalize_within_groups`, with `eps`: `config.credit.eps`), then the weighted sum, skipping NaN. TRL
+      then normalises this sum over the whole batch whatever `scale_rewards` says; its group means are
+      already 0, so that is `scale_rewards = "batch"`.
 
     `weights` maps every reward name to its weight (TRL's `reward_weights`); None weighs all 1. A row
     where every reward is NaN gets 0, and `rewards/unscorable` counts such rows (TRL warns about
@@ -492,7 +491,7 @@ def aggregate(rewards: Mapping[str, Any], weights: Mapping[str, float] | None, g
         raise ValueError(f"{len(columns[0])} rewards per function do not split into groups of {group_size}")
     table = np.stack(columns, axis=1)
     if mode == "normalize_then_sum":
-        table = np.stack([normalize_within_groups(column, group_size) for column in table.T], axis=1)
+        table = np.stack([normalize_within_groups(column, group_size, eps) for column in table.T], axis=1)
     weight_row = np.array([weights[name] for name in names], dtype=np.float64)
     unscorable = np.isnan(table).all(axis=1)
     combined = np.nansum(table * weight_row, axis=1)

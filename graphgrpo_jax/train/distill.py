@@ -12,7 +12,7 @@ Teacher. For every synthetic pair of the train and test splits, the policy's bel
   wrote is uniform.
 - `gold`: no policy; the world's gold node values, one-hot. This trains the same multi-head cross-encoder
   on the synthetic world's node labels, for pipelines without a relevance policy (the query-rewriting
-  pipeline's retrieval judge, `rl/rewrite_task.RetrievalJudge`).
+  pipeline's retrieval judge, `tasks/rewrite.RetrievalJudge`).
 
 The policy teachers are computed once, written atomically to `<workdir>/distill/teacher.npz` together with
 the settings and pair ids they came from, and reused by every later run that asks for the same teacher (a
@@ -390,10 +390,11 @@ def make_train_step(encoder_config: encoder.EncoderConfig, optimizer: optax.Grad
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_step(encoder_config: encoder.EncoderConfig, settings: LossSettings, optim_json: str, num_steps: int):
-    """The step function and its optimizer, cached so that repeated runs in one process (ablations, tests)
-    jit the same function, which JAX compiles once per layout."""
-    optimizer = state_lib.make_optimizer(ml_collections.ConfigDict(json.loads(optim_json)), num_steps)
+def _cached_step(encoder_config: encoder.EncoderConfig, settings: LossSettings,
+                 optim_settings: state_lib.OptimizerSettings, num_steps: int):
+    """The step function and its optimizer, cached on their frozen settings so that repeated runs in one process
+    (ablations, tests) jit the same function, which JAX compiles once per layout."""
+    optimizer = state_lib.make_optimizer(optim_settings, num_steps)
     return make_train_step(encoder_config, optimizer, settings), optimizer
 
 
@@ -412,7 +413,7 @@ def evaluate(params: encoder.Params, config: ml_collections.ConfigDict, encoder_
     """The student on the synthetic test split (per-node accuracy, label report, held-out KL per head) and,
     with ESCI data, on its held-out queries against the majority class of its training queries."""
     cfg = config.distill
-    predict = functools.partial(student_eval.student_probabilities, params, encoder_config, tokenizer,
+    predict = functools.partial(encoder.head_probabilities, params, encoder_config, tokenizer,
                                 max_length=cfg.max_length, batch_size=cfg.batch_size)
     pairs = world.split_pairs("test")
     probs = predict([p.query for p in pairs], [p.product_title for p in pairs])
@@ -434,6 +435,7 @@ def evaluate(params: encoder.Params, config: ml_collections.ConfigDict, encoder_
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     cfg = config.distill
     settings = loss_settings(cfg)
+    optim_settings = state_lib.optimizer_settings(cfg.optim, "distill.optim")  # before the teacher: fail early
     world = prepare.load_world(config)
     teacher = ensure_teacher(config, workdir, world)
     encoder_config = artifacts.student_config()
@@ -444,7 +446,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # The student is sharded by the same logical rules as the policy (its params name the same axes:
     # vocab, embed, heads, mlp); each process places only its slices of the pretrained weights.
     layout = mesh_lib.Layout.from_config(config.get("mesh"))
-    step_fn, optimizer = _cached_step(encoder_config, settings, cfg.optim.to_json(sort_keys=True), cfg.num_steps)
+    step_fn, optimizer = _cached_step(encoder_config, settings, optim_settings, cfg.num_steps)
     head_sizes = artifacts.student_head_sizes(cfg.heads)
     logical_axes = encoder.param_logical_axes(encoder_config, head_sizes)
     pretrained = init_student(encoder_config, cfg.heads, config.seed)

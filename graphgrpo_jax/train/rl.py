@@ -1,11 +1,11 @@
 """`rl` stage: Graph-GRPO (or any registered credit variant) from the SFT policy.
 
-Each step: draw prompts (a deterministic function of the step) → sample G completions each with the
-jitted KV-cache sampler → parse nodes and score outcomes on the host (`rl/rollout.py`) → encode the
-groups as a jraph batch → μ = `grpo.num_iterations` jitted updates of the clipped policy loss, whose
-token advantages come from `graph/credit.py` inside the differentiated function, so the same gradient
-call also yields dLoss/dφ for the `main_loss` controller. φ and the controller's optimizer live in the
-training state and are checkpointed with the policy.
+Each step: draw prompts (a deterministic function of the step) → sample G completions each with the jitted
+KV-cache sampler → parse and score them on the host (the task `config.task` names, `tasks/`, through
+`rl/rollout.py`) → encode the groups as a jraph batch → μ = `grpo.num_iterations` jitted updates of the
+clipped policy loss, whose token advantages come from `graph/credit.py` inside the differentiated function, so
+the same gradient call also yields dLoss/dφ for the `main_loss` controller. φ and the controller's optimizer
+live in the training state and are checkpointed with the policy.
 
 Everything lives on the mesh of `config.mesh` (`mesh.py`): the policy is restored straight into its
 shardings, the sampler and the update run sharded, and each process loads only its rows of the prompts and
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 
 import jax
 import jax.numpy as jnp
@@ -24,36 +23,31 @@ import ml_collections
 import numpy as np
 import optax
 
-from graphgrpo_jax import artifacts, mesh as mesh_lib, sampling
-from graphgrpo_jax.data import batching, prepare
+from graphgrpo_jax import artifacts, mesh as mesh_lib, sampling, tasks
 from graphgrpo_jax.eval import credit as eval_credit
 from graphgrpo_jax.graph import controller as controller_lib, credit as credit_lib, spec as spec_lib
 from graphgrpo_jax.models import decoder
-from graphgrpo_jax.rl import grpo, rewrite_task, rollout
+from graphgrpo_jax.rl import grpo, rollout
 from graphgrpo_jax.train import loop, state as state_lib
-
-# Task name (config.task) -> factory (config, world, spec, workdir) of how its prompts are drawn and its
-# completions scored (see rl/rollout.py); the workdir holds what a task reads from earlier stages.
-TASKS = {
-    "relevance": lambda config, world, spec, workdir: rollout.RelevanceTask(config, world, spec),
-    # Searches the `index` stage's index; the r_rel judge of `config.rewrite.judge` (the tagger: a frozen SFT copy).
-    "rewrite": lambda config, world, spec, workdir: rewrite_task.RewriteTask.from_workdir(
-        config, world, workdir, load_sft_params=lambda: artifacts.policy_params(config, workdir)),
-}
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_update(model_config, grpo_json: str, spec, settings, optim_json: str, num_steps: int,
-                   controller_mode: str, prompt_len: int | None, share_prompts: bool):
-    optim_cfg = ml_collections.ConfigDict(json.loads(optim_json))
-    return make_update(model_config, ml_collections.ConfigDict(json.loads(grpo_json)), spec, settings,
-                       state_lib.make_optimizer(optim_cfg, num_steps), controller_mode, prompt_len=prompt_len,
-                       share_prompts=share_prompts, microbatches=optim_cfg.get("microbatches", 1))
+def _cached_update(model_config: decoder.DecoderConfig, grpo_settings: grpo.GrpoSettings, spec: spec_lib.GraphSpec,
+                   settings: credit_lib.CreditSettings, optim_settings: state_lib.OptimizerSettings, num_steps: int,
+                   controller_mode: str, prompt_len: int | None, share_prompts: bool, microbatches: int):
+    """`make_update` cached on its frozen settings, so that repeated runs in one process (ablations, tests) jit
+    the same function, which JAX compiles once per layout."""
+    return make_update(model_config, grpo_settings, spec, settings, state_lib.make_optimizer(optim_settings, num_steps),
+                       controller_mode, prompt_len=prompt_len, share_prompts=share_prompts, microbatches=microbatches)
 
 
 def make_update(model_config, grpo_cfg, spec, settings, optimizer, controller_mode: str = "fixed", *,
                 prompt_len: int | None = None, share_prompts: bool = False, microbatches: int = 1):
     """Jitted μ-iteration update: returns new params/opt state, the φ-gradient for the controller and metrics.
+
+    `grpo_cfg`: the GRPO options, `grpo.GrpoSettings` or a `config.grpo` section (validated by
+    `grpo.grpo_settings`). Its `scale_rewards` is applied by the credit computation, so the credit
+    `settings` must have been built with the same one (`credit_settings(..., scale_rewards=)`).
 
     `prompt_len`: the width of the batch's prompt block (every row's completion starts there), so that
     log-probs are computed for completion tokens only (`decoder.token_log_probs_and_entropy`'s
@@ -74,11 +68,19 @@ def make_update(model_config, grpo_cfg, spec, settings, optimizer, controller_mo
     iterations; for `alignment`, minus the gradient of the cross-fitted cosine between the graph-credit
     and the outcome-GRPO policy gradients (graph/controller.py), taken at the pre-update policy.
     """
+    grpo_cfg = grpo.grpo_settings(grpo_cfg)
+    if settings.scale_rewards != grpo_cfg.scale_rewards:
+        raise ValueError(f"GRPO config field 'scale_rewards' = {grpo_cfg.scale_rewards!r}, but the credit settings "
+                         f"were built with {settings.scale_rewards!r}, which the advantages would follow")
     outcome_settings = dataclasses.replace(settings, variant="outcome")
     if share_prompts and prompt_len is None:
         raise ValueError("make_update(share_prompts=True) needs the prompt block's width, prompt_len")
     targets_from = 1 if prompt_len is None else prompt_len
     group_size = grpo_cfg.num_generations if share_prompts else 1
+
+    def completion_width(batch) -> int:
+        """The most completion tokens a row holds: the rows' width less the prompt block (dr_grpo's bound)."""
+        return batch["tokens"].shape[1] - (prompt_len or 0)
 
     def log_probs(params, tokens, attention_mask):
         """(log-probs, entropies) `[N, L]` of the completion tokens, 0 on the prompt block."""
@@ -91,7 +93,8 @@ def make_update(model_config, grpo_cfg, spec, settings, optimizer, controller_mo
                                            spec=spec, settings=credit_settings)
         logp, _ = log_probs(params, batch["tokens"][rows], batch["attention_mask"][rows])
         loss, _ = grpo.policy_loss(logp, None, credit.token_advantages[rows], batch["completion_mask"][rows],
-                                   grpo_cfg, truncated=batch["truncated"][rows])
+                                   grpo_cfg, truncated=batch["truncated"][rows],
+                                   completion_width=completion_width(batch))
         return loss
 
     def alignment_grad(params, phi, batch, graph):
@@ -118,7 +121,8 @@ def make_update(model_config, grpo_cfg, spec, settings, optimizer, controller_mo
             return credit.token_advantages, credit.node_stats
 
         advantages, pull_back, node_stats = jax.vjp(advantages_of, phi, has_aux=True)
-        weights = grpo.loss_weights(batch["completion_mask"], grpo_cfg, batch["truncated"])
+        weights = grpo.loss_weights(batch["completion_mask"], grpo_cfg, batch["truncated"],
+                                    completion_width=completion_width(batch))
         rows = {"tokens": batch["tokens"], "attention_mask": batch["attention_mask"],
                 "row": jnp.arange(batch["tokens"].shape[0]), "loss_weight": weights.loss,
                 "mean_weight": weights.mean}
@@ -169,9 +173,9 @@ def blame_metrics(spec, settings, graph, phi, batch: rollout.Rollouts, scored: r
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     cfg, grpo_cfg = config.rl, config.grpo
-    grpo.validate_grpo_config(grpo_cfg)
+    grpo_cfg = grpo.grpo_settings(grpo_cfg)  # validated and frozen: the update is cached on it
     group_size = grpo_cfg.num_generations
-    world, tokenizer = prepare.load_world(config), artifacts.load_tokenizer(config, workdir)
+    tokenizer = artifacts.load_tokenizer(config, workdir)
     model_config = decoder.DecoderConfig.from_config(config.model)
     spec = spec_lib.graph_spec(config.graph)
     settings = credit_lib.credit_settings(config.credit, spec, config.grpo.scale_rewards)
@@ -184,7 +188,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # Mesh → policy state in its shardings (restored straight into them) → sharded update and sampler.
     layout = mesh_lib.Layout.from_config(config.get("mesh"))
     sft_params = artifacts.policy_params(config, workdir, layout=layout)
-    optimizer = state_lib.make_optimizer(config.rl_optim, cfg.num_steps)
+    optim_settings = state_lib.optimizer_settings(config.rl_optim, "rl_optim")
+    optimizer = state_lib.make_optimizer(optim_settings, cfg.num_steps)
     # The reference is its own copy: the policy's buffers are donated to each update.
     ref_params = jax.tree_util.tree_map(jnp.copy, sft_params) if grpo_cfg.beta > 0 else None
 
@@ -195,23 +200,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state, shardings = layout.init(init_state, decoder.param_logical_axes(model_config), sft_params)
     # Cached on the (hashable) settings, so repeated runs in one process (ablations, tests) compile once.
     update = mesh_lib.shard_rl_update(
-        _cached_update(model_config, grpo_cfg.to_json(sort_keys=True), spec, settings,
-                       config.rl_optim.to_json(sort_keys=True), cfg.num_steps, ctrl_settings.mode,
-                       config.data.max_prompt_len, True),  # every prompt is padded to this width, G rows each
+        _cached_update(model_config, grpo_cfg, spec, settings, optim_settings, cfg.num_steps, ctrl_settings.mode,
+                       config.data.max_prompt_len, True,  # every prompt is padded to this width, G rows each
+                       config.rl_optim.get("microbatches", 1)),
         layout.mesh, shardings["params"], shardings["opt_state"], reference=grpo_cfg.beta > 0,
         batch_shardings=layout.batch_sharding)
     generate = mesh_lib.shard_sampler(layout.mesh, shardings["params"], model_config,
                                       max_new_tokens=config.data.max_response_len, rules=layout.rule_map,
                                       group_size=group_size)
-    task = TASKS[config.get("task", "relevance")](config, world, spec, workdir)
+    task = tasks.task_of(config).rl_task(config, workdir, spec)
     pieces = rollout.TokenPieces(tokenizer)
     sample_cfg = sampling.SamplingParams(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
 
-    prompts = task.prompts()
-    encoded = batching.encode_prompts(tokenizer, prompts, config.data.max_prompt_len)
+    encoded = task.encode_prompts(tokenizer, config.data.max_prompt_len)
 
     def batch_fn(step: int) -> np.ndarray:
-        return np.random.default_rng([config.seed, 2, step]).choice(len(prompts), cfg.prompts_per_step,
+        return np.random.default_rng([config.seed, 2, step]).choice(len(encoded["tokens"]), cfg.prompts_per_step,
                                                                      replace=False)
 
     def step_fn(state, rows):

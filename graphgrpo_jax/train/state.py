@@ -6,7 +6,8 @@ count lives in the checkpoint, not in the state, so resuming never depends on a 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -14,26 +15,89 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+SCHEDULES = ("constant", "cosine")
+# Fields an optimizer section may also hold that its stage reads, not the optimizer: rows per step and the
+# gradient-accumulation slices of a step (`config.optim` for SFT, `config.rl_optim` for the RL update).
+STAGE_FIELDS = ("batch_size", "microbatches")
 
-def learning_rate_schedule(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSettings:
+    """An optimizer section (`config.optim`, `config.rl_optim`, `config.distill.optim`), frozen and hashable:
+    the cache key of compiled steps. AdamW with global-norm clipping; the defaults are those of a section
+    that leaves the field out."""
+
+    learning_rate: float
+    warmup_steps: int = 0  # linear warm-up from 0
+    schedule: str = "constant"  # after the warm-up: constant, or cosine decay to 10% at the last step
+    grad_clip: float = 1.0  # global gradient norm
+    b1: float = 0.9
+    b2: float = 0.95
+    weight_decay: float = 0.0  # decoupled (AdamW)
+
+
+def optimizer_settings(cfg: Mapping[str, Any] | ml_collections.ConfigDict | OptimizerSettings,
+                       section: str | None = None) -> OptimizerSettings:
+    """The validated `OptimizerSettings` of a config section, failing on the first bad field, named
+    `config.<section>.<field>` (or as an optimizer config field when `section` is not given): a field neither
+    the optimizer nor its stage reads (`STAGE_FIELDS`), which would otherwise be ignored, or a bad value."""
+    if isinstance(cfg, OptimizerSettings):
+        return cfg
+
+    def fail(field: str, why: str) -> None:
+        name = f"optimizer config field {field!r}" if section is None else f"config.{section}.{field}"
+        raise ValueError(f"{name} = {cfg.get(field)!r}: {why}")
+
+    known = [field.name for field in dataclasses.fields(OptimizerSettings)]
+    for field in sorted(set(cfg.keys()) - set(known) - set(STAGE_FIELDS)):
+        fail(field, f"no such option; an optimizer section holds {known} and its stage's {list(STAGE_FIELDS)}")
+    if "learning_rate" not in cfg:
+        fail("learning_rate", "is required")
+    values = {name: cfg[name] for name in known if name in cfg}
+    for name, value in values.items():
+        if name == "schedule":
+            if value not in SCHEDULES:
+                fail(name, f"choose one of {SCHEDULES}")
+        elif isinstance(value, bool) or not isinstance(value, int if name == "warmup_steps" else (int, float)):
+            fail(name, "must be an integer" if name == "warmup_steps" else "must be a number")
+    settings = OptimizerSettings(**{name: value if name in ("schedule", "warmup_steps") else float(value)
+                                    for name, value in values.items()})
+    if not settings.learning_rate > 0:
+        fail("learning_rate", "must be > 0")
+    if settings.warmup_steps < 0:
+        fail("warmup_steps", "must be >= 0")
+    if not settings.grad_clip > 0:
+        fail("grad_clip", "must be > 0")
+    for beta in ("b1", "b2"):
+        if not 0.0 <= getattr(settings, beta) < 1.0:
+            fail(beta, "must lie in [0, 1)")
+    if not settings.weight_decay >= 0:
+        fail("weight_decay", "must be >= 0")
+    return settings
+
+
+def learning_rate_schedule(settings: OptimizerSettings, num_steps: int) -> optax.Schedule:
     """Linear warm-up to `learning_rate`, then constant or cosine decay to 10% over the run."""
-    warmup = min(int(cfg.get("warmup_steps", 0)), max(num_steps - 1, 0))
-    if cfg.get("schedule", "constant") == "cosine":
+    warmup = min(settings.warmup_steps, max(num_steps - 1, 0))
+    if settings.schedule == "cosine":
         warmup = max(warmup, 1)
-        return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, max(num_steps, warmup + 1),
-                                                  end_value=0.1 * cfg.learning_rate)
+        return optax.warmup_cosine_decay_schedule(0.0, settings.learning_rate, warmup, max(num_steps, warmup + 1),
+                                                  end_value=0.1 * settings.learning_rate)
     if warmup == 0:
-        return optax.constant_schedule(cfg.learning_rate)
-    return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, warmup),
-                                 optax.constant_schedule(cfg.learning_rate)], [warmup])
+        return optax.constant_schedule(settings.learning_rate)
+    return optax.join_schedules([optax.linear_schedule(0.0, settings.learning_rate, warmup),
+                                 optax.constant_schedule(settings.learning_rate)], [warmup])
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
-    """AdamW with global-norm clipping, from the config's `optim` section."""
+def make_optimizer(settings: OptimizerSettings | Mapping[str, Any] | ml_collections.ConfigDict,
+                   num_steps: int) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping over `num_steps` steps, from `OptimizerSettings` or an optimizer config
+    section (read through `optimizer_settings`)."""
+    settings = optimizer_settings(settings)
     return optax.chain(
-        optax.clip_by_global_norm(cfg.get("grad_clip", 1.0)),
-        optax.adamw(learning_rate_schedule(cfg, num_steps), b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.95),
-                    weight_decay=cfg.get("weight_decay", 0.0)),
+        optax.clip_by_global_norm(settings.grad_clip),
+        optax.adamw(learning_rate_schedule(settings, num_steps), b1=settings.b1, b2=settings.b2,
+                    weight_decay=settings.weight_decay),
     )
 
 
