@@ -8,6 +8,23 @@ engine, no checkpoint library and no tokenizer library. The stage that reads a s
 import ml_collections
 
 
+def esci_data() -> ml_collections.ConfigDict:
+    """`config.data.esci`: real relevance rows for SFT, RL and eval when `config.data.source = "esci"`
+    (tasks/relevance.py reads them through data/examples.py)."""
+    return ml_collections.ConfigDict(dict(
+        path="",  # a flat ESCI JSONL: query, product_title, esci_label or relevance (data/esci.py)
+        # The CoT targets: "rule" (the built-in weak silver teacher, data/teacher.py), "none" (label-only SFT),
+        # or the path of a teacher file (one line per pair: example_id and the seven node texts; README).
+        teacher="rule",
+        missing="label_only",  # rows without a usable teacher chain: "label_only" (SFT trains the label) or "drop"
+        split_seed=0,  # train / val / test by query id (no query in two splits)
+        val_fraction=0.1,
+        test_fraction=0.2,
+        product_fields=("title",),  # what the prompt shows: title, brand, color, description, bullets
+        skip_bad_rows=False,  # True: count and skip malformed rows instead of failing on the first
+    ))
+
+
 def distill() -> ml_collections.ConfigDict:
     """`config.distill`: graph-node multi-head distillation (train/distill.py validates it)."""
     return ml_collections.ConfigDict(dict(
@@ -33,7 +50,7 @@ def distill() -> ml_collections.ConfigDict:
 
 
 def rewrite() -> ml_collections.ConfigDict:
-    """`config.rewrite`: reward options of the rewrite task (rl/rewrite_task.py, rl/rewards.py)."""
+    """`config.rewrite`: reward options of the rewrite task (tasks/rewrite.py, rl/rewards.py)."""
     return ml_collections.ConfigDict(dict(
         fusion="rfusion",  # rfusion | product | min | rel | conv | rule (rewards.FUSION_MODES)
         w_rel=0.5,

@@ -105,8 +105,8 @@ def teacher_rows(config, workdir: str, world, esci_data):
     params = artifacts.policy_params(config, workdir, config.distill.policy)
     tokenizer = artifacts.load_tokenizer(config, workdir)
     pairs = world.split_pairs("test")
-    preds, probs, texts = relevance.judge(params, config, tokenizer, [p.query for p in pairs],
-                                          [p.product_title for p in pairs], config.eval.batch_size)
+    preds, probs, texts, _ = relevance.judge(params, config, tokenizer, [p.query for p in pairs],
+                                             [p.product_title for p in pairs], config.eval.batch_size)
     report = classification.classification_report([cot.LABELS.index(p.label) for p in pairs], preds, cot.LABELS,
                                                   probs=probs, negative_class=student.NEGATIVE_LABEL)
     values = [cot.parse(text).values for text in texts]
@@ -115,8 +115,8 @@ def teacher_rows(config, workdir: str, world, esci_data):
     esci_report = None
     if esci_data is not None:
         test = esci_data.split("test")
-        preds, probs, _ = relevance.judge(params, config, tokenizer, [e.query for e in test],
-                                          [e.product_title for e in test], config.eval.batch_size)
+        preds, probs, _, _ = relevance.judge(params, config, tokenizer, [e.query for e in test],
+                                             [e.product_title for e in test], config.eval.batch_size)
         esci_report = classification.classification_report([cot.LABELS.index(e.label) for e in test], preds,
                                                             cot.LABELS, probs=probs,
                                                             negative_class=student.NEGATIVE_LABEL)

@@ -32,7 +32,7 @@ STAGES = {
     "eval": "graphgrpo_jax.train.evaluate:run",
     "eval_file": "graphgrpo_jax.train.evaluate:run_file",
     "index": "graphgrpo_jax.train.rewrite:build_index",
-    "rewrite_sft": "graphgrpo_jax.train.rewrite:run_sft",
+    "rewrite_sft": "graphgrpo_jax.train.sft:run",  # the sft stage of config.task = "rewrite"
     "rewrite_eval": "graphgrpo_jax.train.rewrite:run_eval",
     "report": "graphgrpo_jax.eval.report:run",
     "distill": "graphgrpo_jax.train.distill:run",

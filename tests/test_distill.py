@@ -148,7 +148,7 @@ def test_forced_teacher_matches_the_eval_path_and_a_direct_score(policy):
         assert teacher[node].shape == (len(pairs), len(values))
 
     # y: the eval stage's greedy judge scores the labels the same way.
-    _, judge_probs, _ = relevance_eval.judge(params, config, tokenizer, queries, titles, config.eval.batch_size)
+    judge_probs = relevance_eval.judge(params, config, tokenizer, queries, titles, config.eval.batch_size).probs
     np.testing.assert_allclose(teacher["y"], judge_probs, atol=2e-5)
 
     # ms, ma: score each value directly on prompt + greedy prefix + <v>value</v> without left padding, the
@@ -247,7 +247,7 @@ def test_distillation_lowers_held_out_kl_on_every_head(tmp_path):
     encoder_config = artifacts.student_config()
     tokenizer = encoder.load_pair_tokenizer(encoder.minilm_folder())
     pairs = world.split_pairs("test")
-    initial = student_eval.student_probabilities(distill.init_student(encoder_config, HEADS, config.seed),
+    initial = encoder.head_probabilities(distill.init_student(encoder_config, HEADS, config.seed),
                                                  encoder_config, tokenizer, [p.query for p in pairs],
                                                  [p.product_title for p in pairs], max_length=32, batch_size=16)
     kl = report["synthetic_test"]["held_out_kl"]
@@ -274,7 +274,7 @@ def test_distillation_lowers_held_out_kl_on_every_head(tmp_path):
 
     # The checkpoint restores to the student that was evaluated.
     restored = artifacts.student_params(config, str(workdir))
-    probs = student_eval.student_probabilities(restored, encoder_config, tokenizer, [p.query for p in pairs],
+    probs = encoder.head_probabilities(restored, encoder_config, tokenizer, [p.query for p in pairs],
                                                [p.product_title for p in pairs], max_length=32, batch_size=16)
     for node in HEADS:
         assert student_eval.kl_divergence(teacher["test"][node], probs[node]).mean() == pytest.approx(kl[node],

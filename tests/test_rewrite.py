@@ -13,10 +13,10 @@ import pytest
 
 from configs import rewrite as rewrite_configs
 from graphgrpo_jax import artifacts, checkpointing, main, metrics
-from graphgrpo_jax.data import cot, prepare
+from graphgrpo_jax.data import cot, prepare, world as world_lib
 from graphgrpo_jax.eval import rewrite as rewrite_eval
 from graphgrpo_jax.models import decoder, encoder
-from graphgrpo_jax.rl import rewrite_task
+from graphgrpo_jax.tasks import rewrite as rewrite_task
 from graphgrpo_jax.search.engine import MANIFEST
 from graphgrpo_jax.train import distill, rewrite
 
@@ -130,7 +130,7 @@ def test_task_rejects_an_unknown_fusion(world):
 def test_relevance_grade_agrees_with_every_judged_pair(world):
     for pair in world.pairs:
         query = world.query_by_id[pair.query_id]
-        grade = rewrite_eval.relevance_grade(world, query.subject, query.attributes,
+        grade = world_lib.relevance_grade(world, query.subject, query.attributes,
                                              world.product_by_id[pair.product_id])
         assert grade == {"Exact": 3, "Substitute": 2, "Complement": 1, "Irrelevant": 0}[pair.label], pair
 
@@ -172,11 +172,11 @@ def test_rewrite_metrics_hand_computed(world, graded_hits):
 
 def test_keeps_intent_reads_the_rewrite(world):
     query = _query_with(world, lambda q: len(q.attributes) >= 2 and "size" not in q.attributes)
-    assert rewrite_eval.keeps_intent(world, query, query.gold_rewrite)
+    assert world_lib.keeps_intent(world, query, query.gold_rewrite)
     reordered = " ".join([query.subject, *reversed([query.attributes[k] for k in sorted(query.attributes)])])
-    assert reordered != query.gold_rewrite and rewrite_eval.keeps_intent(world, query, reordered)
-    assert not rewrite_eval.keeps_intent(world, query, query.subject)  # facets dropped
-    assert not rewrite_eval.keeps_intent(world, query, "")
+    assert reordered != query.gold_rewrite and world_lib.keeps_intent(world, query, reordered)
+    assert not world_lib.keeps_intent(world, query, query.subject)  # facets dropped
+    assert not world_lib.keeps_intent(world, query, "")
 
 
 def test_judge_metrics_against_the_worlds_rule(world):
@@ -184,7 +184,7 @@ def test_judge_metrics_against_the_worlds_rule(world):
     tags = world.split_rewrite_tags("test")[:9]
     queries = world.split_queries("test")[:3]
     rewrites = [queries[0].gold_rewrite, queries[1].subject if queries[1].attributes else "", "zzz"]
-    truth = [rewrite_eval.true_tag(world, q, r) for q, r in zip(queries, rewrites)]
+    truth = [world_lib.true_tag(world, q, r) for q, r in zip(queries, rewrites)]
     assert truth[0] == "relevant" and truth[2] == "irrelevant"
     assert truth[1] == ("partial" if queries[1].attributes else "irrelevant")  # facets dropped / no type named
     always_relevant = lambda qs, rs: np.tile([1.0, 0.0, 0.0], (len(qs), 1))
@@ -249,7 +249,7 @@ def test_retrieval_judge_grades_what_the_rewrite_retrieves(world, graded_hits):
     ({"tag": 1.0}, 3, {"rewrite": 0, "tag": 3}),
 ])
 def test_task_counts(mix, batch, expected):
-    assert rewrite.task_counts(mix, batch) == expected
+    assert rewrite_task.task_counts(mix, batch) == expected
 
 
 @pytest.mark.parametrize("mix, message", [
@@ -259,11 +259,11 @@ def test_task_counts(mix, batch, expected):
 ])
 def test_task_counts_bad_mix(mix, message):
     with pytest.raises(ValueError, match=message):
-        rewrite.task_counts(mix, 8)
+        rewrite_task.task_counts(mix, 8)
 
 
 def test_sft_examples(world):
-    examples = rewrite.sft_examples(world, "train")
+    examples = rewrite_task.sft_examples(world, "train")
     queries, tags = world.split_queries("train"), world.split_rewrite_tags("train")
     assert examples["rewrite"] == ([f"query: {q.text} rewrite:" for q in queries], [q.gold_rewrite for q in queries])
     prompts, answers = examples["tag"]
@@ -274,7 +274,7 @@ def test_sft_examples(world):
 def test_labelled_queries_split_sft_from_rl(world):
     """SFT sees a stable share of the training queries (and their tags); RL can take exactly the rest."""
     queries = world.split_queries("train")
-    examples = rewrite.sft_examples(world, "train", labelled_fraction=0.3)
+    examples = rewrite_task.sft_examples(world, "train", labelled_fraction=0.3)
     labelled = {q.query_id for q in queries if rewrite_task.is_labelled(q.query_id, 0.3)}
     assert examples["rewrite"][1] == [q.gold_rewrite for q in queries if q.query_id in labelled]
     assert examples["tag"][1] == [t.tag for t in world.split_rewrite_tags("train") if t.query_id in labelled]
@@ -282,12 +282,12 @@ def test_labelled_queries_split_sft_from_rl(world):
     assert all(rewrite_task.is_labelled(q.query_id, 1.0) for q in queries)
 
     # Tags are cheaper than teacher rewrites: a larger tagged share keeps the same rewrites, adds tags.
-    wider = rewrite.sft_examples(world, "train", labelled_fraction=0.3, tagged_fraction=0.8)
+    wider = rewrite_task.sft_examples(world, "train", labelled_fraction=0.3, tagged_fraction=0.8)
     tagged = {q.query_id for q in queries if rewrite_task.is_labelled(q.query_id, 0.8)}
     assert labelled < tagged and wider["rewrite"] == examples["rewrite"]
     assert wider["tag"][1] == [t.tag for t in world.split_rewrite_tags("train") if t.query_id in tagged]
     with pytest.raises(ValueError, match="tagged_fraction = 0.2 is below labelled_fraction = 0.3"):
-        rewrite.sft_examples(world, "train", labelled_fraction=0.3, tagged_fraction=0.2)
+        rewrite_task.sft_examples(world, "train", labelled_fraction=0.3, tagged_fraction=0.2)
 
     config = rewrite_configs.get_config("micro")
     config.rewrite_sft.labelled_fraction = 0.3
@@ -416,7 +416,7 @@ def test_student_judge_grades_the_hits_with_the_distilled_student(pipeline, conf
     encoded = encoder.encode_pairs(encoder.load_pair_tokenizer(encoder.minilm_folder()), *zip(*pairs),
                                    config.distill.max_length)
     logits = jax.jit(encoder.node_logits, static_argnums=1)(params, artifacts.student_config(), *encoded)
-    grades = np.asarray(jax.nn.softmax(logits["y"])) @ [rewrite_eval.RELEVANCE_GRADES[y] for y in cot.LABELS]
+    grades = np.asarray(jax.nn.softmax(logits["y"])) @ [world_lib.RELEVANCE_GRADES[y] for y in cot.LABELS]
     bounds = np.cumsum([0] + [len(row) for row in hits])
     reference = [grades[a:b].sum() / (3 * config.rewrite.k) for a, b in zip(bounds[:-1], bounds[1:])]
     np.testing.assert_allclose(scores, reference, atol=1e-5)

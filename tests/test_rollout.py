@@ -1,15 +1,14 @@
 """Rollout assembly: completions → parsed nodes, rewards, node ids; malformed output is a counted penalty."""
 
-import types
 
-import ml_collections
 import numpy as np
 import pytest
 
 from graphgrpo_jax import tokenization
-from graphgrpo_jax.data import batching, cot, prepare
+from graphgrpo_jax.data import batching, cot, examples
 from graphgrpo_jax.graph import spec as spec_lib
 from graphgrpo_jax.rl import rollout
+from graphgrpo_jax.tasks import relevance
 
 VALUES = {"qs": "running shoes", "qa": "color=red", "ps": "trail shoes", "pa": "color=red", "ms": "partial",
           "ma": "match", "y": "Substitute"}
@@ -20,7 +19,7 @@ def tokenizer(tmp_path_factory):
     corpus = [cot.prompt_text("red runners", "Acme trail shoes red") + " " + cot.render(VALUES)] * 20
     corpus += ["query: product: judge: Exact Complement Irrelevant mismatch complement none"] * 5
     return tokenization.train_tokenizer(corpus, 400, tmp_path_factory.mktemp("tok"),
-                                        extra_special_tokens=prepare.node_tags())
+                                        extra_special_tokens=cot.node_tags())
 
 
 def _completion(tokenizer, text, eos=True):
@@ -50,12 +49,11 @@ def test_assemble_scores_parses_and_lays_out(tokenizer):
     lengths = np.array([len(c) for c in completions])
     truncated = np.array([False, False, False, True])
     prompt = batching.encode_prompts(tokenizer, [cot.prompt_text("red runners", "Acme trail shoes red")] * 4, 24)
-    pair = types.SimpleNamespace(query="red runners", product_title="Acme trail shoes red", label="Substitute",
-                                 gold=VALUES)
-    world = types.SimpleNamespace(split_pairs=lambda split: [pair])
-    config = ml_collections.ConfigDict({"rl": {"r_format": -1.0}})
-    task = rollout.RelevanceTask(config, world, spec)
-    assert task.prompts() == [cot.prompt_text("red runners", "Acme trail shoes red")]
+    example = examples.RelevanceExample(example_id="p0", query_id="q0", query="red runners",
+                                        product_text="Acme trail shoes red", label="Substitute", split="train",
+                                        nodes=VALUES, gold_nodes=VALUES)
+    task = relevance.RelevanceTask([example], spec, r_format=-1.0)
+    np.testing.assert_array_equal(task.encode_prompts(tokenizer, 24)["tokens"], prompt["tokens"][:1])
     out = rollout.assemble(task, rollout.TokenPieces(tokenizer), np.zeros(4, int), prompt["tokens"],
                            prompt["attention_mask"], tokens, lengths, truncated)
 
@@ -84,6 +82,6 @@ def test_assemble_scores_parses_and_lays_out(tokenizer):
 def test_unknown_categorical_value_counts_as_missing():
     spec = spec_lib.graph_spec(spec_lib.default_graph_config())
     parsed = cot.parse(cot.render(dict(VALUES, ms="sort of")))
-    ids = rollout.node_value_ids([parsed], spec)
+    ids = relevance.node_value_ids([parsed], spec)
     assert ids[0, spec.index("ms")] == -1
     assert ids[0, spec.index("ma")] == spec.categorical[spec.index("ma")].index("match")

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from graphgrpo_jax.data.cot import LABELS, MA_VALUES, MS_VALUES
-from graphgrpo_jax.eval import student as student_eval
 from graphgrpo_jax.models import encoder
 from graphgrpo_jax.search import serving
 
@@ -46,7 +45,7 @@ def student(tmp_path_factory):
 def test_exported_student_scores_like_the_in_process_model(student):
     config, params, tokenizer, directory = student
     served = serving.ServedCrossEncoder(directory, batch_size=3)  # 4 pairs: one full and one padded batch
-    expected = student_eval.student_probabilities(params, config, tokenizer, QUERIES, TITLES,
+    expected = encoder.head_probabilities(params, config, tokenizer, QUERIES, TITLES,
                                                   max_length=MAX_LENGTH, batch_size=4)
     scores = served.score(QUERIES, TITLES)
     assert set(scores) == set(HEADS)

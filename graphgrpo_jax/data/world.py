@@ -61,7 +61,8 @@ __all__ = [
     "DEFAULT_LABEL_RULE", "LABELS", "MA_VALUES", "MS_VALUES", "NODES", "REWRITE_TAGS", "SPLITS",
     "Term", "ProductType", "Product", "Query", "RelevancePair", "RewriteTag", "World", "WorldConfig",
     "apply_label_rule", "attribute_match", "build_taxonomy", "build_world", "subject_match",
-    "rewrite_tag", "render_rewrite", "word_tokens",
+    "rewrite_tag", "render_rewrite", "word_tokens", "RELEVANCE_GRADES", "relevance_grade", "keeps_intent",
+    "true_tag",
 ]
 
 SPLITS: tuple[str, ...] = ("train", "test", "ood")
@@ -1101,3 +1102,32 @@ def build_world(cfg: WorldConfig | Mapping[str, Any] | None = None) -> World:
     rewrite_tags = _make_rewrite_tags(cfg, types, queries)
     return World(config=cfg, product_types=product_types, products=products, queries=queries,
                  pairs=tuple(pairs), rewrite_tags=tuple(rewrite_tags))
+
+
+# --------------------------------------------------------------------------------------------------
+# The world's rules on rewrites and retrieved products (oracles for rewrite metrics and ablation judges)
+# --------------------------------------------------------------------------------------------------
+
+# Gold relevance grade of each ESCI label (NDCG-style gains).
+RELEVANCE_GRADES: dict[str, int] = {"Exact": 3, "Substitute": 2, "Complement": 1, "Irrelevant": 0}
+
+
+def relevance_grade(world: World, subject: str, attributes: Mapping[str, str], product: Product) -> int:
+    """The grade of `product` for the intent (subject, attributes), by the world's label rule."""
+    ms = subject_match(world.types, subject, product.product_type)
+    ma = attribute_match(attributes, product.attributes)
+    return RELEVANCE_GRADES[apply_label_rule(DEFAULT_LABEL_RULE, ms, ma)]
+
+
+def keeps_intent(world: World, query: Query, rewrite: str) -> bool:
+    """The rewrite names exactly the query's gold (subject, attributes)."""
+    return world.read_intent(rewrite) == (query.subject, dict(query.attributes))
+
+
+def true_tag(world: World, query: Query, rewrite: str) -> str:
+    """The tag of (query, rewrite) by the world's rule (`world.rewrite_tag`); a rewrite that names no
+    product type is irrelevant."""
+    intent = world.read_intent(rewrite)
+    if intent is None:
+        return "irrelevant"
+    return rewrite_tag(world.types, query.subject, query.attributes, *intent)

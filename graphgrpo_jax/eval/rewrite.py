@@ -18,7 +18,7 @@ Rewrites come from greedy decoding (`generate_rewrites`). For a policy trained o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -30,22 +30,6 @@ from graphgrpo_jax.data import batching, cot, world as world_lib
 from graphgrpo_jax.models import decoder
 from graphgrpo_jax.rl import rollout
 from graphgrpo_jax.search.engine import Retriever, recall_at_k
-
-# Gold relevance grade of each ESCI label (NDCG-style gains).
-RELEVANCE_GRADES: dict[str, int] = {"Exact": 3, "Substitute": 2, "Complement": 1, "Irrelevant": 0}
-
-
-def relevance_grade(world: world_lib.World, subject: str, attributes: Mapping[str, str],
-                    product: world_lib.Product) -> int:
-    """The grade of `product` for the intent (subject, attributes), by the world's label rule."""
-    ms = world_lib.subject_match(world.types, subject, product.product_type)
-    ma = world_lib.attribute_match(attributes, product.attributes)
-    return RELEVANCE_GRADES[cot.apply_label_rule(cot.DEFAULT_LABEL_RULE, ms, ma)]
-
-
-def keeps_intent(world: world_lib.World, query: world_lib.Query, rewrite: str) -> bool:
-    return world.read_intent(rewrite) == (query.subject, dict(query.attributes))
-
 
 def rewrite_metrics(world: world_lib.World, engine: Retriever, queries: Sequence[world_lib.Query],
                     rewrites: Sequence[str], k: int) -> dict[str, Any]:
@@ -61,27 +45,18 @@ def rewrite_metrics(world: world_lib.World, engine: Retriever, queries: Sequence
         recall = recall_at_k(retrieved, query.purchased_product_ids, k)
         if recall is not None:
             recalls.append(recall)
-        grades = [relevance_grade(world, query.subject, query.attributes, world.product_by_id[product_id])
+        grades = [world_lib.relevance_grade(world, query.subject, query.attributes, world.product_by_id[product_id])
                   for product_id in retrieved[:k]]
         relevances.append(sum(grades) / k)
     return {
         "num_examples": len(queries),
         "k": k,
-        "accuracy": float(np.mean([keeps_intent(world, q, r) for q, r in zip(queries, rewrites)])),
+        "accuracy": float(np.mean([world_lib.keeps_intent(world, q, r) for q, r in zip(queries, rewrites)])),
         "recall": float(np.mean(recalls)) if recalls else float("nan"),
         "relevance": float(np.mean(relevances)),
         "examples": [{"query": q.text, "rewrite": r, "gold_rewrite": q.gold_rewrite}
                      for q, r in list(zip(queries, rewrites))[:5]],
     }
-
-
-def true_tag(world: world_lib.World, query: world_lib.Query, rewrite: str) -> str:
-    """The tag of (query, rewrite) by the world's rule (`world.rewrite_tag`); a rewrite that names no
-    product type is irrelevant."""
-    intent = world.read_intent(rewrite)
-    if intent is None:
-        return "irrelevant"
-    return world_lib.rewrite_tag(world.types, query.subject, query.attributes, *intent)
 
 
 def tag_accuracy(judge: Callable[[Sequence[str], Sequence[str]], np.ndarray],
@@ -97,7 +72,7 @@ def judge_metrics(judge: Callable[[Sequence[str], Sequence[str]], np.ndarray], w
     (argmax tag) against the world's rule and its mean P(relevant), next to the share truly relevant.
     A judge that the policy games rates its rewrites higher than the rule."""
     probs = judge([q.text for q in queries], list(rewrites))
-    truth = [true_tag(world, q, r) for q, r in zip(queries, rewrites)]
+    truth = [world_lib.true_tag(world, q, r) for q, r in zip(queries, rewrites)]
     return {
         "own_tag_accuracy": float(np.mean([cot.REWRITE_TAGS[i] == t for i, t in zip(probs.argmax(1), truth)])),
         "own_p_relevant": float(probs[:, cot.REWRITE_TAGS.index("relevant")].mean()),

@@ -10,7 +10,6 @@ the wall-clock seconds per pair of the student and of the policy's greedy chain 
 from __future__ import annotations
 
 import collections
-import functools
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -26,31 +25,6 @@ from graphgrpo_jax.eval import classification
 from graphgrpo_jax.models import decoder, encoder
 
 NEGATIVE_LABEL = "Irrelevant"  # reported on its own, as in the paper (METHOD.md A6)
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _node_probabilities(params: encoder.Params, config: encoder.EncoderConfig, input_ids: jax.Array,
-                        token_type_ids: jax.Array, attention_mask: jax.Array) -> dict[str, jax.Array]:
-    logits = encoder.node_logits(params, config, input_ids, token_type_ids, attention_mask)
-    return {node: jax.nn.softmax(node_logits, axis=-1) for node, node_logits in logits.items()}
-
-
-def student_probabilities(params: encoder.Params, config: encoder.EncoderConfig, tokenizer, queries: Sequence[str],
-                          titles: Sequence[str], *, max_length: int, batch_size: int) -> dict[str, np.ndarray]:
-    """[N, C] probabilities per classification head; every batch is padded to `batch_size` (one compile)."""
-    if len(queries) != len(titles):
-        raise ValueError(f"{len(queries)} queries but {len(titles)} titles")
-    if not queries:
-        raise ValueError("no (query, title) pairs to score")
-    chunks = collections.defaultdict(list)
-    for start in range(0, len(queries), batch_size):
-        rows = list(range(start, min(start + batch_size, len(queries))))
-        padded = rows + [rows[-1]] * (batch_size - len(rows))
-        pairs = encoder.encode_pairs(tokenizer, [queries[i] for i in padded], [titles[i] for i in padded],
-                                     max_length)
-        for node, probs in jax.device_get(_node_probabilities(params, config, *pairs)).items():
-            chunks[node].append(np.asarray(probs)[:len(rows)])
-    return {node: np.concatenate(parts) for node, parts in chunks.items()}
 
 
 def kl_divergence(teacher: np.ndarray, student: np.ndarray) -> np.ndarray:
@@ -122,7 +96,7 @@ def student_runner(params: encoder.Params, config: encoder.EncoderConfig, tokeni
     def run_batch(size: int):
         rows = [i % len(queries) for i in range(size)]
         pairs = encoder.encode_pairs(tokenizer, [queries[i] for i in rows], [titles[i] for i in rows], max_length)
-        return jax.block_until_ready(_node_probabilities(params, config, *pairs))
+        return jax.block_until_ready(encoder.node_probabilities(params, config, *pairs))
 
     return run_batch
 

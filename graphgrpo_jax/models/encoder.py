@@ -40,6 +40,7 @@ Params layout (``init_params``; leading ``L = num_layers`` axis on layer weights
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import importlib.util
@@ -519,3 +520,29 @@ def encode_pairs(tokenizer: transformers.PreTrainedTokenizerBase, queries: Seque
     return EncodedPairs(input_ids=encoded["input_ids"].astype(np.int32),
                         token_type_ids=encoded["token_type_ids"].astype(np.int32),
                         attention_mask=encoded["attention_mask"].astype(bool))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def node_probabilities(params: Params, config: EncoderConfig, input_ids: jax.Array,
+                       token_type_ids: jax.Array, attention_mask: jax.Array) -> dict[str, jax.Array]:
+    """Softmax of every classification head, jitted: one batch of encoded pairs."""
+    logits = node_logits(params, config, input_ids, token_type_ids, attention_mask)
+    return {node: jax.nn.softmax(head_logits, axis=-1) for node, head_logits in logits.items()}
+
+
+def head_probabilities(params: Params, config: EncoderConfig, tokenizer, queries: Sequence[str],
+                       titles: Sequence[str], *, max_length: int, batch_size: int) -> dict[str, np.ndarray]:
+    """[N, C] probabilities per classification head of (query, title) pairs (the distilled student's
+    judgements); every batch is padded to `batch_size` (one compile)."""
+    if len(queries) != len(titles):
+        raise ValueError(f"{len(queries)} queries but {len(titles)} titles")
+    if not queries:
+        raise ValueError("no (query, title) pairs to score")
+    chunks = collections.defaultdict(list)
+    for start in range(0, len(queries), batch_size):
+        rows = list(range(start, min(start + batch_size, len(queries))))
+        padded = rows + [rows[-1]] * (batch_size - len(rows))
+        pairs = encode_pairs(tokenizer, [queries[i] for i in padded], [titles[i] for i in padded], max_length)
+        for node, probs in jax.device_get(node_probabilities(params, config, *pairs)).items():
+            chunks[node].append(np.asarray(probs)[:len(rows)])
+    return {node: np.concatenate(parts) for node, parts in chunks.items()}

@@ -1,9 +1,10 @@
-"""Rollouts for relevance Graph-GRPO: prompts → G samples → parsed nodes → rewards → credit inputs.
+"""Rollouts of any task: prompts → G samples → decoded text → the task's scores → the update's arrays.
 
-The sampler writes completions [N, C] after left-padded prompts [N, P]; this module turns them into the
-host-side arrays the jitted update consumes, in the shared `[prompt | response]` layout of
-`data/batching.py`: tokens, attention mask, completion mask, per-token node ids, node value ids, rewards.
-Malformed generations never raise: they get the format reward and missing nodes (-1).
+The sampler writes completions [N, C] after left-padded prompts [N, P]; this module decodes them with
+exact per-token character offsets, hands the texts to the task (`tasks/`), whose `score` returns a
+`Scored` (rewards, node values, per-token node ids), and lays the batch out in the shared
+`[prompt | response]` layout of `data/batching.py` for the jitted update. Malformed generations never
+raise: the task gives them its format reward and missing nodes (-1).
 """
 
 from __future__ import annotations
@@ -13,9 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from graphgrpo_jax.data import batching, cot
-from graphgrpo_jax.graph.spec import GraphSpec
-from graphgrpo_jax.rl import rewards as rewards_lib
+from graphgrpo_jax.data import batching
 
 
 class TokenPieces:
@@ -44,24 +43,6 @@ class TokenPieces:
         return "".join(pieces), np.stack([starts, ends], axis=1) if pieces else np.zeros((0, 2), np.int64)
 
 
-def node_value_ids(parses: Sequence[cot.ParseResult], spec: GraphSpec) -> np.ndarray:
-    """[N, V] int32: categorical values by index in their vocabulary, free text interned per batch
-    (equal strings, equal ids), -1 where the node is missing or its value is not allowed."""
-    ids = np.full((len(parses), spec.num_nodes), -1, np.int32)
-    interned: dict[str, int] = {}
-    for i, parse in enumerate(parses):
-        for v, node in enumerate(spec.nodes):
-            value = parse.values.get(node)
-            if value is None:
-                continue
-            vocab = spec.categorical[v]
-            if vocab is None:
-                ids[i, v] = interned.setdefault(value, len(interned))
-            elif value in vocab:
-                ids[i, v] = vocab.index(value)
-    return ids
-
-
 @dataclasses.dataclass
 class Scored:
     """What a task makes of a batch of decoded completions (rows: prompts × G, groups contiguous)."""
@@ -73,51 +54,6 @@ class Scored:
     format_valid: np.ndarray  # [N] bool
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # task-specific logs
     node_correct: np.ndarray | None = None  # [N, V] bool against gold node values, where a task knows them
-
-
-class RelevanceTask:
-    """Query–product relevance judged through the tagged CoT; outcome 1 / 0 / r_format (METHOD.md A2)."""
-
-    name = "relevance"
-
-    def __init__(self, config, world, spec: GraphSpec):
-        self.pairs = world.split_pairs("train")
-        self.spec = spec
-        self.r_format = config.rl.r_format
-        self.labels = spec.categorical[spec.root]
-
-    def prompts(self) -> list[str]:
-        return [cot.prompt_text(p.query, p.product_title) for p in self.pairs]
-
-    def score(self, rows: np.ndarray, texts: list[str], offsets: list[np.ndarray]) -> Scored:
-        parses = [cot.parse(text, self.spec.nodes) for text in texts]
-        gold = [self.pairs[r].label for r in rows]
-        rewards = rewards_lib.relevance_outcome(texts, [{"label": label} for label in gold], parses=parses,
-                                                r_format=self.r_format, nodes=self.spec.nodes)
-        valid = np.asarray([p.valid for p in parses], bool)
-        node_correct = np.asarray([[_same_value(node, parse.values.get(node), self.pairs[r].gold[node])
-                                    for node in self.spec.nodes] for parse, r in zip(parses, rows)], bool)
-        return Scored(
-            rewards=np.asarray(rewards, np.float32),
-            node_values=node_value_ids(parses, self.spec),
-            node_ids=[cot.token_node_ids(p.char_spans, o, self.spec.nodes) for p, o in zip(parses, offsets)],
-            gold_label=np.asarray([self.labels.index(label) for label in gold], np.int32),
-            format_valid=valid,
-            metrics={"rl/accuracy": float(np.mean(rewards == 1.0)),
-                     "rl/format_failure_rate": float(1.0 - valid.mean()),
-                     "rl/format_failures": float((~valid).sum())},
-            node_correct=node_correct,
-        )
-
-
-def _same_value(node: str, value: str | None, gold: str) -> bool:
-    """A parsed node value equals the gold one; attribute lists compare as key=value sets."""
-    if value is None:
-        return False
-    if node in ("qa", "pa"):
-        parsed = cot.parse_attributes(value)
-        return parsed is not None and parsed == cot.parse_attributes(gold)
-    return value.strip() == gold
 
 
 @dataclasses.dataclass

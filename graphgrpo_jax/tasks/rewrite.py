@@ -1,4 +1,4 @@
-"""Rollouts for query rewriting (METHOD.md B): prompts → G rewrites → fused reward, outcome credit.
+"""The rewrite task (METHOD.md B): prompts → G rewrites → fused reward, outcome credit.
 
 A rewrite has no chain of thought, so the task plugs into the shared RL loop as a one-node graph whose
 root is the rewrite itself: every completion token gets the rollout's group-relative advantage (plain
@@ -20,6 +20,7 @@ GRPO, `credit.variant = "outcome"`). The reward fuses three signals (`rewards.re
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,12 +30,14 @@ import ml_collections
 import numpy as np
 
 from graphgrpo_jax import artifacts
-from graphgrpo_jax.data import batching, cot, esci
-from graphgrpo_jax.eval import rewrite as rewrite_eval, student as student_eval
+from graphgrpo_jax.data import batching, cot, esci, prepare, world as world_lib
 from graphgrpo_jax.models import decoder, encoder
 from graphgrpo_jax.rl import rewards as rewards_lib
 from graphgrpo_jax.rl.rollout import Scored
 from graphgrpo_jax.search.engine import Retriever, SearchEngine
+from graphgrpo_jax.tasks import SftData, register_task
+
+SFT_TASKS = ("rewrite", "tag")  # the two tasks of multi-task rewrite SFT
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -107,7 +110,7 @@ class TagJudge:
 
 
 class RuleJudge:
-    """An oracle `r_rel` judge for ablations: the world's tagging rule (`eval.rewrite.true_tag`), one-hot.
+    """An oracle `r_rel` judge for ablations: the world's tagging rule (`world.true_tag`), one-hot.
 
     It reads the gold intent of each training query, so it is not a method. It bounds what a perfect
     relevance judge could add to the fused reward, which separates the reward's design from the quality
@@ -119,7 +122,7 @@ class RuleJudge:
         self.queries = {q.text: q for q in world.split_queries("train")}
 
     def __call__(self, queries: Sequence[str], rewrites: Sequence[str]) -> np.ndarray:
-        tags = [rewrite_eval.true_tag(self.world, self.queries[query], rewrite)
+        tags = [world_lib.true_tag(self.world, self.queries[query], rewrite)
                 for query, rewrite in zip(queries, rewrites)]
         return np.eye(len(cot.REWRITE_TAGS))[[cot.REWRITE_TAGS.index(tag) for tag in tags]]
 
@@ -132,7 +135,7 @@ class RetrievalJudge:
     """`judge(queries, rewrites) -> [M]`: the mean relevance grade, scaled to [0, 1], of the `k` products the
     engine retrieves for each rewrite, graded against the *original* query.
 
-    `grade(queries, product_ids) -> [N]` expected grades in [0, 3] (`eval.rewrite.RELEVANCE_GRADES`). An
+    `grade(queries, product_ids) -> [N]` expected grades in [0, 3] (`world.RELEVANCE_GRADES`). An
     empty slot, when the engine finds fewer than k products, counts 0, as in the offline relevance@k, so a
     rewrite that retrieves nothing earns nothing. Why a judge of retrieved products rather than of words:
     a tagger of (query, rewrite) pairs sees only the tag data, and the policy learns to write rewrites it
@@ -165,7 +168,7 @@ def rule_grader(world, queries: Sequence[Any] | None = None) -> Grader:
     by_text = {q.text: q for q in (world.split_queries("train") if queries is None else queries)}
 
     def grade(queries: Sequence[str], product_ids: Sequence[str]) -> np.ndarray:
-        return np.array([rewrite_eval.relevance_grade(world, by_text[q].subject, by_text[q].attributes,
+        return np.array([world_lib.relevance_grade(world, by_text[q].subject, by_text[q].attributes,
                                                       world.product_by_id[p]) for q, p in zip(queries, product_ids)])
 
     return grade
@@ -174,11 +177,11 @@ def rule_grader(world, queries: Sequence[Any] | None = None) -> Grader:
 def student_grader(params, encoder_config, tokenizer, world, *, max_length: int, batch_size: int) -> Grader:
     """`grade(queries, product_ids)`: the expected grade under the relevance student's label head (the
     cross-encoder of paper A's distillation), on (query, product title) pairs."""
-    grades = np.array([rewrite_eval.RELEVANCE_GRADES[label] for label in cot.LABELS], np.float64)
+    grades = np.array([world_lib.RELEVANCE_GRADES[label] for label in cot.LABELS], np.float64)
 
     def grade(queries: Sequence[str], product_ids: Sequence[str]) -> np.ndarray:
         titles = [world.product_by_id[p].title for p in product_ids]
-        probs = student_eval.student_probabilities(params, encoder_config, tokenizer, list(queries), titles,
+        probs = encoder.head_probabilities(params, encoder_config, tokenizer, list(queries), titles,
                                                    max_length=max_length, batch_size=batch_size)
         return probs[cot.LABEL_NODE].astype(np.float64) @ grades
 
@@ -266,6 +269,9 @@ class RewriteTask:
     def prompts(self) -> list[str]:
         return [cot.rewrite_prompt(query.text) for query in self.queries]
 
+    def encode_prompts(self, tokenizer: Any, max_prompt_len: int) -> dict[str, np.ndarray]:
+        return batching.encode_prompts(tokenizer, self.prompts(), max_prompt_len)
+
     def contexts(self, rows: np.ndarray) -> list[dict[str, Any]]:
         """What the rewards read of each rollout's query."""
         return [{"query": self.queries[r].text, "purchased_product_ids": self.queries[r].purchased_product_ids}
@@ -300,3 +306,85 @@ class RewriteTask:
             format_valid=rule == 1.0,
             metrics=metrics,
         )
+
+
+def sft_examples(world: world_lib.World, split: str, labelled_fraction: float = 1.0,
+                 tagged_fraction: float | None = None) -> dict[str, tuple[list[str], list[str]]]:
+    """(prompts, responses) of each SFT task on a split's queries and rewrite tags; with
+    `labelled_fraction` < 1, only the rewrites of the queries that have teacher labels
+    (`is_labelled`), and the tags of the `tagged_fraction` share (default: the same queries)."""
+    if tagged_fraction is None:
+        tagged_fraction = labelled_fraction
+    if tagged_fraction < labelled_fraction:
+        raise ValueError(f"config.rewrite_sft.tagged_fraction = {tagged_fraction} is below labelled_fraction = "
+                         f"{labelled_fraction}: the tagged queries include the labelled ones")
+    queries = [q for q in world.split_queries(split) if is_labelled(q.query_id, labelled_fraction)]
+    tags = [t for t in world.split_rewrite_tags(split) if is_labelled(t.query_id, tagged_fraction)]
+    return {
+        "rewrite": ([cot.rewrite_prompt(q.text) for q in queries], [q.gold_rewrite for q in queries]),
+        "tag": ([cot.tag_prompt(t.query, t.rewrite) for t in tags], [t.tag for t in tags]),
+    }
+
+
+def task_counts(task_mix: ml_collections.ConfigDict | dict, batch_size: int) -> dict[str, int]:
+    """Rows of each SFT task per batch: `batch_size` split by the mix weights (largest remainder,
+    ties to the earlier task), so every batch has the same composition."""
+    unknown = sorted(set(task_mix) - set(SFT_TASKS))
+    if unknown:
+        raise ValueError(f"config.rewrite_sft.task_mix names unknown tasks {unknown}; tasks are {SFT_TASKS}")
+    weights = np.array([float(task_mix.get(task, 0.0)) for task in SFT_TASKS])
+    if (weights < 0).any() or weights.sum() <= 0:
+        raise ValueError(f"config.rewrite_sft.task_mix = {dict(task_mix)}: weights must be >= 0 with a positive sum")
+    raw = weights / weights.sum() * batch_size
+    counts = np.floor(raw).astype(int)
+    for i in sorted(range(len(SFT_TASKS)), key=lambda i: (counts[i] - raw[i], i))[:batch_size - counts.sum()]:
+        counts[i] += 1
+    return dict(zip(SFT_TASKS, counts.tolist()))
+
+
+def sft_data(config: ml_collections.ConfigDict, workdir: str, tokenizer: Any) -> SftData:
+    """Multi-task SFT (the `rewrite_sft` stage), stage 1 of the paper. Two tasks share the model: rewrite
+    generation (`query: … rewrite:` → the gold rewrite) and query-rewrite relevance tagging (`query: …
+    rewrite: … tag:` → relevant | partial | irrelevant). Each batch mixes them by `config.rewrite_sft.task_mix`
+    (1:1 by default; a zero weight gives single-task SFT). Rewrites have no CoT nodes, so nothing is masked.
+    The policy is saved as stage `sft`, where the `rl` stage and its judge look for it."""
+    del workdir
+    cfg = config.rewrite_sft
+    world = prepare.load_world(config)
+    counts = task_counts(cfg.task_mix, config.optim.batch_size)
+    examples = sft_examples(world, "train", cfg.labelled_fraction, cfg.tagged_fraction)
+    encoded = {task: batching.encode_sft(tokenizer, *examples[task], config.data.max_prompt_len,
+                                         config.data.max_response_len, nodes=())
+               for task in SFT_TASKS if counts[task]}
+    for task, arrays in encoded.items():
+        if not len(arrays["tokens"]):
+            raise ValueError(f"config.rewrite_sft.task_mix gives task {task!r} weight but the world has "
+                             f"no {task} examples in its train split")
+    logging.info("rewrite SFT: %s rows per batch from %s examples", counts,
+                 {task: len(arrays["tokens"]) for task, arrays in encoded.items()})
+    # One table of both tasks' rows (padded to the same shapes), so a batch is a set of row indices that
+    # each process can slice to the rows it loads.
+    data = {k: np.concatenate([arrays[k] for arrays in encoded.values()]) for k in next(iter(encoded.values()))}
+    offsets = dict(zip(encoded, np.cumsum([0] + [len(arrays["tokens"]) for arrays in encoded.values()])))
+
+    def sample_rows(step: int) -> np.ndarray:
+        rng = np.random.default_rng([config.seed, 1, step])
+        rows = []
+        for task, arrays in encoded.items():
+            size = len(arrays["tokens"])
+            rows.append(offsets[task] + rng.choice(size, counts[task], replace=counts[task] > size))
+        return np.concatenate(rows)
+
+    # No CoT nodes in these responses (node ids all -1) and no masking: every response token is trained.
+    return SftData(data, sample_rows, cfg.num_steps, cfg.log_every,
+                   mask=dict(label_node=0, num_nodes=1, p_mask=0.0, mask_unit="token"))
+
+
+def rl_task(config: ml_collections.ConfigDict, workdir: str, spec) -> RewriteTask:
+    """The task over the `index` stage's index; the tagging judge is a frozen copy of the SFT policy."""
+    del spec  # a rewrite is a one-node graph: every token gets the rollout's advantage
+    return RewriteTask.from_workdir(config, prepare.load_world(config), workdir,
+                                    load_sft_params=lambda: artifacts.policy_params(config, workdir))
+
+
+register_task("rewrite", rl_task=rl_task, sft_data=sft_data)

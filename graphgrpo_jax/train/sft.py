@@ -12,7 +12,6 @@ Batches are dicts of equal-shape int/bool arrays `[B, T]`: `tokens`, `attention_
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -22,9 +21,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from graphgrpo_jax import artifacts, mesh as mesh_lib
-from graphgrpo_jax.data import batching, cot, prepare
-from graphgrpo_jax.models import decoder, hf
+from graphgrpo_jax import artifacts, mesh as mesh_lib, tasks
+from graphgrpo_jax.models import decoder
 from graphgrpo_jax.train import loop, state as state_lib
 
 MASK_UNITS = ("token", "node")
@@ -85,18 +83,6 @@ def make_train_step(model_config: decoder.DecoderConfig, optimizer: optax.Gradie
     return step
 
 
-# --------------------------------------------------------------------------------------------------
-# The `sft` stage of the relevance pipeline
-# --------------------------------------------------------------------------------------------------
-
-def relevance_examples(config: ml_collections.ConfigDict, world, split: str) -> tuple[list[str], list[str]]:
-    """(prompts, teacher responses) of a split, rendered with the configured label position."""
-    pairs = world.split_pairs(split)
-    prompts = [cot.prompt_text(p.query, p.product_title) for p in pairs]
-    responses = [cot.render(p.teacher, label_position=config.sft.label_position) for p in pairs]
-    return prompts, responses
-
-
 def init_state(config: ml_collections.ConfigDict, model_config: decoder.DecoderConfig,
                optimizer: optax.GradientTransformation, layout: mesh_lib.Layout) -> tuple[dict, Any]:
     """The policy state SFT starts from, placed by `layout`, and its shardings.
@@ -107,11 +93,8 @@ def init_state(config: ml_collections.ConfigDict, model_config: decoder.DecoderC
     """
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     logical_axes = decoder.param_logical_axes(model_config)
-    checkpoint = config.model.get("hf_checkpoint")
-    if checkpoint:
-        params_like = jax.eval_shape(functools.partial(decoder.init_params, model_config), init_rng)
-        params = mesh_lib.host_to_global(hf.load_params(checkpoint, model_config, grow_vocab=True),
-                                         layout.param_shardings(params_like, logical_axes))
+    if config.model.get("hf_checkpoint"):
+        params = artifacts.pretrained_params(config, layout)
         return layout.init(lambda p: state_lib.new_state(p, optimizer, state_rng), logical_axes, params)
     return layout.init(lambda: state_lib.new_state(decoder.init_params(model_config, init_rng), optimizer, state_rng),
                        logical_axes)
@@ -141,16 +124,6 @@ def fit(config: ml_collections.ConfigDict, workdir: str, data: dict[str, np.ndar
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    cfg = config.sft
-    world, tokenizer = prepare.load_world(config), artifacts.load_tokenizer(config, workdir)
-    prompts, responses = relevance_examples(config, world, "train")
-    data = batching.encode_sft(tokenizer, prompts, responses, config.data.max_prompt_len,
-                               config.data.max_response_len)
-
-    def sample_rows(step: int) -> np.ndarray:
-        return np.random.default_rng([config.seed, 1, step]).choice(len(prompts), config.optim.batch_size,
-                                                                     replace=False)
-
-    return fit(config, workdir, data, sample_rows, cfg.num_steps, cfg.log_every,
-               label_node=cot.NODES.index(cot.LABEL_NODE), num_nodes=len(cot.NODES), p_mask=cfg.p_mask,
-               mask_unit=cfg.mask_unit)
+    """The `sft` stage (and `rewrite_sft`): SFT on the rows of the task `config.task` names (`tasks/`)."""
+    data = tasks.task_of(config).sft_data(config, workdir, artifacts.load_tokenizer(config, workdir))
+    return fit(config, workdir, data.rows, data.sample_rows, data.num_steps, data.log_every, **data.mask)
