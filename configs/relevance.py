@@ -39,7 +39,11 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
     config.world = ml_collections.ConfigDict(dict(
         seed=0, num_queries=1500, pairs_per_query=4, products_per_type=16, corrupt_cot_share=0.2))
     config.tokenizer = ml_collections.ConfigDict(dict(vocab_size=1024, hf_checkpoint=checkpoint))
-    config.data = ml_collections.ConfigDict(dict(max_prompt_len=48, max_response_len=64))
+    # Where the relevance examples come from: "world" (the synthetic world above) or "esci" (config.data.esci);
+    # prompts in the "plain" format of a model trained from scratch or through the checkpoint's "chat" template;
+    # the answer a tagged chain of thought ("cot") or one plain label word ("label": zero-shot baselines).
+    config.data = ml_collections.ConfigDict(dict(max_prompt_len=48, max_response_len=64, source="world",
+                                                 prompt_style="plain", answer="cot", esci=defaults.esci_data()))
 
     config.optim = ml_collections.ConfigDict(dict(
         learning_rate=3e-3, warmup_steps=20, schedule="cosine", grad_clip=1.0, weight_decay=0.0,

@@ -19,7 +19,7 @@ from absl import app, flags, logging
 
 from configs import common, relevance
 from graphgrpo_jax import tokenization
-from graphgrpo_jax.data import prepare
+from graphgrpo_jax.data import cot, prepare
 from graphgrpo_jax.models import decoder, hf
 
 _PRESET = flags.DEFINE_enum("preset", "qwen2.5-1.5b", sorted(common.MODEL_PRESETS), "Model shape.")
@@ -42,10 +42,10 @@ def main(_):
     if not _OUT.value:
         raise app.UsageError("--out is required")
     model = common.model_config(_PRESET.value, param_dtype=_DTYPE.value)
-    spare = model.vocab_size - len(prepare.node_tags())
+    spare = model.vocab_size - len(cot.node_tags())
     vocab = min(8192, spare) if _VOCAB.value is None else _VOCAB.value
     if vocab > spare:
-        raise ValueError(f"--tokenizer_vocab={vocab} plus {len(prepare.node_tags())} CoT tags does not fit the "
+        raise ValueError(f"--tokenizer_vocab={vocab} plus {len(cot.node_tags())} CoT tags does not fit the "
                          f"{model.vocab_size}-row embedding of {_PRESET.value}")
     world = prepare.load_world(relevance.get_config("cpu"))
     tokenizer = write_checkpoint(pathlib.Path(_OUT.value), model, prepare.corpus(world), vocab)

@@ -17,10 +17,11 @@ import os
 
 import jax
 import ml_collections
+import numpy as np
 
 from graphgrpo_jax import checkpointing, mesh as mesh_lib, tokenization
 from graphgrpo_jax.data import cot
-from graphgrpo_jax.models import decoder, encoder
+from graphgrpo_jax.models import decoder, encoder, hf
 
 # Values of the categorical nodes a student has a head for, in head order.
 STUDENT_NODE_VALUES: dict[str, tuple[str, ...]] = {
@@ -85,13 +86,55 @@ def _restore_params(directory: str, params_like, what: str, stage: str):
     return restored.state["params"]
 
 
+BASE_POLICY = "base"  # the pretrained checkpoint itself, untrained: the zero-shot policy
+
+
+def tag_rows_from_their_text(params: decoder.Params, checkpoint: str) -> decoder.Params:
+    """The embedding rows of the CoT tags the `data` stage adds to the checkpoint's tokenizer, each set to the
+    mean of the rows of the tokens its text had before (`<qs>` → `<`, `qs`, `>`).
+
+    Why not one shared row (transformers' `mean_resizing`, `hf.grow_rows`): with tied embeddings every tag
+    then has the same logit, and SmolLM2 after 150 SFT steps still wrote `</y>` for all 14 tags (all 168
+    test chains malformed; experiments/README.md). Rows from the tags' own text are distinct from step 0 and
+    start where the model already reads "<qs>". An untied head keeps its grown rows.
+    """
+    tokenizer = tokenization.load_tokenizer(checkpoint)
+    tags = [tag for tag in cot.node_tags() if tag not in tokenizer.get_vocab()]
+    pieces = {tag: tokenizer(tag, add_special_tokens=False)["input_ids"] for tag in tags}
+    new_ids = tokenization.add_whole_tokens(tokenizer, tags)
+    embed = np.array(params["embed_tokens"])
+    if new_ids and max(new_ids.values()) >= embed.shape[0]:
+        raise ValueError(f"{checkpoint}: the CoT tags need {max(new_ids.values()) + 1} embedding rows, the model "
+                         f"has {embed.shape[0]}")
+    for tag, row in new_ids.items():
+        embed[row] = embed[pieces[tag]].astype(np.float64).mean(axis=0).astype(embed.dtype)
+    return {**params, "embed_tokens": embed}
+
+
+def pretrained_params(config: ml_collections.ConfigDict, layout: mesh_lib.Layout | None = None) -> decoder.Params:
+    """The weights of `config.model.hf_checkpoint`, placed by `layout` (each process reads the file and places
+    only its devices' slices). The CoT tags' rows (grown by `main.resolve` where the embedding had no spare
+    ones) start from their text (`tag_rows_from_their_text`)."""
+    checkpoint = config.model.get("hf_checkpoint")
+    if not checkpoint:
+        raise ValueError("the pretrained policy needs a checkpoint folder: set config.model.hf_checkpoint")
+    layout = layout or mesh_lib.Layout.from_config(config.get("mesh"))
+    model_config = decoder.DecoderConfig.from_config(config.model)
+    like = jax.eval_shape(functools.partial(decoder.init_params, model_config), jax.random.PRNGKey(0))
+    params = tag_rows_from_their_text(hf.load_params(checkpoint, model_config, grow_vocab=True), checkpoint)
+    return mesh_lib.host_to_global(params, layout.param_shardings(like, decoder.param_logical_axes(model_config)))
+
+
 def policy_params(config: ml_collections.ConfigDict, workdir: str, stage: str = "sft",
                   layout: mesh_lib.Layout | None = None) -> decoder.Params:
-    """The newest policy params of `stage` ("sft" or "rl"), shaped by `config.model`."""
+    """The newest policy params of `stage` ("sft" or "rl"), shaped by `config.model`; `"base"` is the
+    weights of `config.model.hf_checkpoint` as SFT starts from them (`pretrained_params`)."""
     layout = layout or mesh_lib.Layout.from_config(config.get("mesh"))
     model_config = decoder.DecoderConfig.from_config(config.model)
     like = jax.eval_shape(functools.partial(decoder.init_params, model_config), jax.random.PRNGKey(0))
     shardings = layout.param_shardings(like, decoder.param_logical_axes(model_config))
+    if stage == BASE_POLICY:
+        return pretrained_params(config, layout)
     return _restore_params(checkpoint_dir(workdir, stage), mesh_lib.with_shardings(like, shardings),
                            "policy", stage)
 

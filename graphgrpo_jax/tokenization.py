@@ -59,11 +59,17 @@ def checkpoint_tokenizer(checkpoint: str | pathlib.Path, out_dir: str | pathlib.
     resizing. Text without tags encodes exactly as with the checkpoint's tokenizer.
     """
     tokenizer = load_tokenizer(checkpoint)
-    new = [tag for tag in extra_special_tokens if tag not in tokenizer.get_vocab()]
-    if new:
-        tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
+    add_whole_tokens(tokenizer, extra_special_tokens)
     tokenizer.save_pretrained(str(out_dir))
     return tokenizer
+
+
+def add_whole_tokens(tokenizer: transformers.PreTrainedTokenizerBase, tokens: Sequence[str]) -> dict[str, int]:
+    """Adds the `tokens` the tokenizer lacks as special (never split) tokens, in place; returns their new ids."""
+    new = [token for token in tokens if token not in tokenizer.get_vocab()]
+    if new:
+        tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
+    return {token: tokenizer.convert_tokens_to_ids(token) for token in new}
 
 
 def load_tokenizer(folder: str | pathlib.Path) -> transformers.PreTrainedTokenizerBase:

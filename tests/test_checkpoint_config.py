@@ -159,3 +159,28 @@ def test_sft_starts_from_a_checkpoint_whose_embedding_had_no_room_for_the_tags(t
     assert json.loads((exported / "config.json").read_text())["vocab_size"] == written["model"]["vocab_size"]
     exported_tokenizer = tokenization.load_tokenizer(exported)
     assert exported_tokenizer.chat_template == TEMPLATE and len(exported_tokenizer) == size + 14
+
+
+def test_the_cot_tags_rows_start_from_the_tokens_of_their_text(tmp_path):
+    """With one shared mean row, tied logits cannot tell the 14 tags apart (SmolLM2 wrote `</y>` for every
+    tag after 150 SFT steps): each tag's row is the mean of the rows its text had."""
+    from graphgrpo_jax import artifacts
+    from graphgrpo_jax.data import cot
+
+    folder = _folder(tmp_path, vocab_size=400, tokenizer_size=300)  # a tokenizer without the tags, spare rows
+    tokenizer = tokenization.load_tokenizer(folder)
+    resolved = main.resolve(_config(folder))
+    original = hf.load_params(folder, resolved.model, grow_vocab=True)["embed_tokens"]
+    params = artifacts.pretrained_params(resolved)
+    embed = np.asarray(params["embed_tokens"])
+    with_tags = tokenization.load_tokenizer(folder)
+    tokenization.add_whole_tokens(with_tags, cot.node_tags())
+    rows = []
+    for tag in cot.node_tags():
+        pieces = tokenizer(tag, add_special_tokens=False)["input_ids"]
+        assert len(pieces) > 1  # the checkpoint's tokenizer splits the tag
+        row = with_tags.convert_tokens_to_ids(tag)
+        np.testing.assert_allclose(embed[row], original[pieces].mean(0), rtol=1e-5, atol=1e-7)
+        rows.append(row)
+    assert len({embed[r].tobytes() for r in rows}) == 14  # distinct rows
+    np.testing.assert_array_equal(embed[:len(tokenizer)], original[:len(tokenizer)])  # the rest is untouched

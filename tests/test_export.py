@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 from configs import relevance
 from graphgrpo_jax import artifacts, main, tokenization
-from graphgrpo_jax.data import prepare
+from graphgrpo_jax.data import cot
 from graphgrpo_jax.models import decoder, hf
 from graphgrpo_jax.train import export
 
@@ -35,7 +35,7 @@ def test_the_folder_reads_back_to_the_trained_params(run):
     jax.tree_util.tree_map(np.testing.assert_array_equal, hf.load_params(folder, loaded), trained)
     tokenizer = tokenization.load_tokenizer(folder)
     assert tokenizer.get_vocab() == artifacts.load_tokenizer(config, workdir).get_vocab()
-    assert all(tag in tokenizer.get_vocab() for tag in prepare.node_tags())
+    assert all(tag in tokenizer.get_vocab() for tag in cot.node_tags())
     generation = json.loads((folder / "generation_config.json").read_text())
     assert generation["eos_token_id"] == tokenizer.eos_token_id == json.loads((folder / "config.json").read_text())[
         "eos_token_id"]

@@ -16,8 +16,7 @@ import pytest
 from configs import common, relevance, relevance_pod
 from experiments import standin_checkpoint
 from graphgrpo_jax import artifacts, main, tokenization
-from graphgrpo_jax.data import prepare
-from graphgrpo_jax.models import decoder, hf
+from graphgrpo_jax.data import cot, prepare
 
 # A Qwen2-architecture checkpoint small enough for CPU tests; its vocabulary has spare rows beyond the
 # tokenizer, as Qwen2.5's does (151,936 rows for 151,665 tokens).
@@ -69,7 +68,7 @@ def test_the_data_stage_uses_the_checkpoints_tokenizer(run):
     config, checkpoint, workdir = run
     original = tokenization.load_tokenizer(checkpoint)
     tokenizer = artifacts.load_tokenizer(config, str(workdir))
-    tags = prepare.node_tags()
+    tags = cot.node_tags()
     assert len(tokenizer) == len(original) + len(tags) <= config.model.vocab_size
     assert [tokenizer.convert_tokens_to_ids(tag) for tag in tags] == list(range(len(original),
                                                                                len(original) + len(tags)))
@@ -78,9 +77,9 @@ def test_the_data_stage_uses_the_checkpoints_tokenizer(run):
 
 
 def test_sft_fine_tunes_the_checkpoints_weights(run):
-    config, checkpoint, workdir = run
-    model_config = decoder.DecoderConfig.from_config(config.model)
-    imported = jax.tree_util.tree_leaves(hf.load_params(checkpoint, model_config))
+    config, _, workdir = run
+    # What SFT starts from: the checkpoint's weights, the CoT tags' rows set from their text.
+    imported = jax.tree_util.tree_leaves(jax.device_get(artifacts.pretrained_params(config)))
     tuned = jax.tree_util.tree_leaves(jax.device_get(artifacts.policy_params(config, str(workdir), "sft")))
     assert all(leaf.dtype == np.float32 for leaf in tuned)
     # Six Adam steps at lr 1e-5 move each weight by at most ~6e-5: the params are the checkpoint's ...

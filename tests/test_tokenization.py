@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from graphgrpo_jax import artifacts, tokenization
+from graphgrpo_jax.data import cot
 
 TAGS = ("<qs>", "</qs>", "<y>", "</y>")
 CORPUS = [
@@ -134,7 +135,7 @@ def test_checkpoint_tokenizer_adds_the_cot_tags_as_whole_tokens(tmp_path):
     texts = ["red cotton shirt for men", "phone case, black", "<ms> is not a tag yet"] * 20
     checkpoint = tmp_path / "checkpoint"
     original = tokenization.train_tokenizer(texts, 300, checkpoint)
-    tags = prepare.node_tags()
+    tags = cot.node_tags()
     tokenizer = tokenization.checkpoint_tokenizer(checkpoint, tmp_path / "out", tags)
     reloaded = tokenization.load_tokenizer(tmp_path / "out")
     for tok in (tokenizer, reloaded):

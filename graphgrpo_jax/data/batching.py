@@ -19,6 +19,10 @@ graph credit act on these ids.
 Overflow: a response longer than `max_response_len - 1` is an error (a cut target would teach a broken
 format); a prompt longer than `max_prompt_len` is an error unless `truncate_prompts` is set, which keeps
 its last tokens (the cue the model answers after) and flags the row in `prompt_truncated`.
+
+Prompts are text (tokenized here with the tokenizer's special tokens) or already token ids (any sequence of
+ints, used as given): `prompts.encode_relevance_prompts` renders and truncates real-checkpoint prompts
+itself and passes ids, so they land in this same layout.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from typing import Any
 import numpy as np
 
 from graphgrpo_jax.data.cot import NODES, parse, token_node_ids
+
+_LOG = logging.getLogger(__name__)
 
 PROMPT_NODE_ID = -2  # prompt and padding
 OUTSIDE_NODE_ID = -1  # response tokens outside every node span
@@ -48,11 +54,26 @@ def _positions(attention_mask: np.ndarray) -> np.ndarray:
     return np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0).astype(np.int32)
 
 
-def encode_prompts(tokenizer: Any, prompts: Sequence[str], max_prompt_len: int,
+def _prompt_ids(tokenizer: Any, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
+    """Token ids per prompt: text is tokenized (in one batch, special tokens added), ids are kept."""
+    encoded: list[list[int] | None] = [None if isinstance(prompt, str) else [int(i) for i in prompt]
+                                       for prompt in prompts]
+    text_rows = [row for row, ids in enumerate(encoded) if ids is None]
+    if text_rows:
+        texts = [prompts[row] for row in text_rows]
+        for row, ids in zip(text_rows, tokenizer(texts, add_special_tokens=True)["input_ids"]):
+            encoded[row] = ids
+    return encoded
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str | Sequence[int]], max_prompt_len: int,
                    truncate_prompts: bool = False) -> dict[str, np.ndarray]:
-    """Left-padded prompt ids for generation: tokens, attention_mask, positions [B, P]; prompt_truncated [B]."""
+    """Left-padded prompt ids for generation: tokens, attention_mask, positions [B, P]; prompt_truncated [B].
+
+    A prompt is text or a sequence of token ids (taken as is, nothing added).
+    """
     _, pad = _special_ids(tokenizer)
-    encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    encoded = _prompt_ids(tokenizer, prompts)
     batch = len(encoded)
     tokens = np.full((batch, max_prompt_len), pad, dtype=np.int32)
     attention_mask = np.zeros((batch, max_prompt_len), dtype=np.int32)
@@ -67,20 +88,20 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str], max_prompt_len: int,
             tokens[row, -len(ids):] = ids
             attention_mask[row, -len(ids):] = 1
     if truncated.any():
-        logging.warning("truncated %d of %d prompts to their last %d tokens", truncated.sum(), batch,
-                        max_prompt_len)
+        _LOG.warning("truncated %d of %d prompts to their last %d tokens", truncated.sum(), batch,
+                     max_prompt_len)
     return {"tokens": tokens, "attention_mask": attention_mask, "positions": _positions(attention_mask),
             "prompt_truncated": truncated}
 
 
-def encode_sft(tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], max_prompt_len: int,
-               max_response_len: int, nodes: Sequence[str] = NODES,
+def encode_sft(tokenizer: Any, prompts: Sequence[str | Sequence[int]], responses: Sequence[str],
+               max_prompt_len: int, max_response_len: int, nodes: Sequence[str] = NODES,
                truncate_prompts: bool = False) -> dict[str, np.ndarray]:
     """Prompt + response rows for teacher forcing.
 
     Returns int32 arrays: tokens, attention_mask, positions, loss_mask (response tokens and EOS) and
     node_ids, all [B, max_prompt_len + max_response_len]; prompt_truncated [B]. Targets are `tokens`
-    shifted by one, left to the loss.
+    shifted by one, left to the loss. Prompts are text or token ids, as in `encode_prompts`.
     """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")

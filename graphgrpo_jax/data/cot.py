@@ -93,6 +93,11 @@ def parse_attributes(text: str) -> dict[str, str] | None:
     return attributes
 
 
+def node_tags(nodes: Sequence[str] = NODES) -> list[str]:
+    """`<v>` and `</v>` of every node: added to every policy tokenizer as whole tokens."""
+    return [tag for node in nodes for tag in (f"<{node}>", f"</{node}>")]
+
+
 def render(values: Mapping[str, str], nodes: Sequence[str] = NODES, label_position: str = "last",
            label_node: str = LABEL_NODE) -> str:
     """Write node values into the tagged template, the label span last (default) or first (A4)."""

@@ -9,6 +9,10 @@ Two layouts:
 - *flat*: one JSON object per line with `query_id, query, product_id, product_title` and the label as
   `esci_label` (E/S/C/I or the full name) and/or `relevance` (3/2/1/0, which must agree).
 
+Optional product text is kept as read where a row has it: `product_brand`, `product_color`,
+`product_description` (HTML in official ESCI) and `product_bullet_point` (the official column; `product_bullets`
+is accepted too); a missing one is "".
+
 Examples are split into train/test by a hash of the query id, so all judgements of a query land in one
 split and a query keeps its split when rows are added. Teacher chains of thought produced by any external
 LLM can be joined from a JSONL of `{"example_id": ..., "cot": ...}`. Rows without an `example_id` get
@@ -41,7 +45,10 @@ SPLITS: tuple[str, ...] = ("train", "test")
 
 _EXAMPLE_COLUMNS = ("example_id", "query", "query_id", "product_id", "esci_label")
 _VESPA_FIELDS = {"id": "product_id", "title": "product_title", "brand": "product_brand",
-                 "color": "product_color", "locale": "product_locale"}
+                 "color": "product_color", "locale": "product_locale", "description": "product_description",
+                 "bullets": "product_bullet_point"}
+_PRODUCT_TEXT_COLUMNS = ("product_title", "product_brand", "product_color", "product_description",
+                         "product_bullet_point", "product_bullets")
 
 
 class EsciFormatError(ValueError):
@@ -66,6 +73,8 @@ class EsciExample:
     product_color: str = ""
     esci_split: str = ""  # the official `split` column, where the file has one
     teacher_cot: str | None = None
+    product_description: str = ""  # as read (official ESCI holds HTML here)
+    product_bullet_point: str = ""  # as read; `product_bullets` in a row is read into this field too
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +139,8 @@ class _RowReader:
             split=query_split(text_fields["query_id"], self.test_fraction),
             product_brand=str(record.get("product_brand") or ""),
             product_color=str(record.get("product_color") or ""),
+            product_description=str(record.get("product_description") or ""),
+            product_bullet_point=str(record.get("product_bullet_point") or record.get("product_bullets") or ""),
             esci_split=esci_split, **text_fields))
 
     def _label(self, row: int, record: Mapping[str, Any]) -> str | None:
@@ -256,7 +267,7 @@ def read_official(examples_path: str | pathlib.Path, products_path: str | pathli
             reader.bad(row, "product_title", f"missing: product {product_id!r} is not in {products_path}")
             continue
         record = {**{key: example.get(key) for key in _EXAMPLE_COLUMNS},
-                  **{key: product.get(key) for key in ("product_title", "product_brand", "product_color")}}
+                  **{key: product.get(key) for key in _PRODUCT_TEXT_COLUMNS}}
         reader.add(row, record, esci_split=str(example.get("split") or ""))
     return reader.result(read_teacher_cot(teacher_cot_path) if teacher_cot_path else None)
 

@@ -19,13 +19,9 @@ from graphgrpo_jax import artifacts, tokenization
 from graphgrpo_jax.data import cot, world as world_lib
 
 
-def node_tags(nodes=cot.NODES) -> list[str]:
-    return [tag for node in nodes for tag in (f"<{node}>", f"</{node}>")]
-
-
 def size_with_node_tags(tokenizer) -> int:
     """How many tokens a checkpoint's tokenizer holds once this stage has added the CoT tags it lacks."""
-    return len(tokenizer) + sum(tag not in tokenizer.get_vocab() for tag in node_tags())
+    return len(tokenizer) + sum(tag not in tokenizer.get_vocab() for tag in cot.node_tags())
 
 
 @functools.lru_cache(maxsize=4)
@@ -49,23 +45,29 @@ def corpus(world: world_lib.World) -> list[str]:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
-    world = load_world(config)
+    """The `data` stage: the world (its JSON in `<workdir>/data`) and the policy tokenizer (`<workdir>/tokenizer`),
+    the checkpoint's with the CoT tags added, or one trained on the world's texts. A run on real rows
+    (`config.data.source = "esci"`) with a checkpoint tokenizer needs no world and builds none."""
+    checkpoint = config.tokenizer.get("hf_checkpoint")
+    needs_world = not (checkpoint and config.data.get("source", "world") != "world")
     os.makedirs(artifacts.data_dir(workdir), exist_ok=True)
     world_path = os.path.join(artifacts.data_dir(workdir), "world.json")
-    if not os.path.exists(world_path):
+    if needs_world and not os.path.exists(world_path):
         with open(world_path + ".tmp", "w") as f:
-            f.write(world.to_json())
+            f.write(load_world(config).to_json())
         os.replace(world_path + ".tmp", world_path)
     if not os.path.exists(os.path.join(artifacts.tokenizer_dir(workdir), "tokenizer.json")):
-        checkpoint = config.tokenizer.get("hf_checkpoint")
         if checkpoint:
-            tokenizer = tokenization.checkpoint_tokenizer(checkpoint, artifacts.tokenizer_dir(workdir), node_tags())
+            tokenizer = tokenization.checkpoint_tokenizer(checkpoint, artifacts.tokenizer_dir(workdir), cot.node_tags())
             logging.info("the %d-token tokenizer of %s, with the CoT tags added, in %s", len(tokenizer),
                          checkpoint, artifacts.tokenizer_dir(workdir))
         else:
-            tokenizer = tokenization.train_tokenizer(corpus(world), config.tokenizer.vocab_size,
-                                                     artifacts.tokenizer_dir(workdir), extra_special_tokens=node_tags())
+            tokenizer = tokenization.train_tokenizer(corpus(load_world(config)), config.tokenizer.vocab_size,
+                                                     artifacts.tokenizer_dir(workdir),
+                                                     extra_special_tokens=cot.node_tags())
             logging.info("trained a %d-token tokenizer in %s", len(tokenizer), artifacts.tokenizer_dir(workdir))
     artifacts.load_tokenizer(config, workdir)  # fail now, not three stages later, when it does not fit the model
-    logging.info("world: %d products, %d queries, %d relevance pairs, %d rewrite tags", len(world.products),
-                 len(world.queries), len(world.pairs), len(world.rewrite_tags))
+    if needs_world:
+        world = load_world(config)
+        logging.info("world: %d products, %d queries, %d relevance pairs, %d rewrite tags", len(world.products),
+                     len(world.queries), len(world.pairs), len(world.rewrite_tags))

@@ -30,6 +30,7 @@ def headline(report: dict) -> dict:
         "auc_macro": report.get("auc", {}).get("macro"),
         "format_failure_rate": report["format_failure_rate"],
         "num_examples": report["num_examples"],
+        "product_truncated": report.get("product_truncated", 0),  # prompts that showed a cut product text
     }
 
 
@@ -72,12 +73,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     lines = [f"# Relevance run: `{config.get('variant')}`", "",
              f"Credit: `{config.credit.variant}` (evidence `{config.credit.evidence}`, norm "
              f"`{config.credit.norm}`, κ = {config.credit.kappa}), controller `{config.controller.mode}`.", "",
-             "| policy/split | accuracy | macro-F1 | Irrelevant F1 | AUC (macro) | format failures | n |",
-             "|---|---|---|---|---|---|---|"]
+             "| policy/split | accuracy | macro-F1 | Irrelevant F1 | AUC (macro) | format failures | n "
+             "| products cut |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, h in summary["eval"].items():
         auc = "n/a" if h["auc_macro"] is None else f"{h['auc_macro']:.3f}"
         lines.append(f"| {name} | {h['accuracy']:.3f} | {h['macro_f1']:.3f} | {h['irrelevant_f1']:.3f} | {auc} | "
-                     f"{h['format_failure_rate']:.3f} | {h['num_examples']} |")
+                     f"{h['format_failure_rate']:.3f} | {h['num_examples']} | {h['product_truncated']} |")
     if summary["rl"]:
         rl = summary["rl"]
         lines += ["", f"RL: {rl['steps']} steps; training accuracy mean over steps {rl['train_accuracy_auc']:.3f}, "
