@@ -14,20 +14,22 @@ from graphgrpo_jax.data.world import WorldConfig, build_world
 GRADED_ROWS, GRADED_QUERIES = 802, 294
 
 
+def _pairs_file(shared_data, folder: str):
+    path = shared_data / folder / "esci_pairs.jsonl"
+    if not path.is_file():
+        pytest.skip(f"ESCI rows not found beside the repo: {path}")
+    return path
+
+
 @pytest.fixture(scope="module")
 def graded(shared_data):
-    path = shared_data / "esci-graded-subset" / "esci_pairs.jsonl"
-    if not path.is_file():
-        pytest.skip(f"real ESCI rows not found beside the repo: {path}")
-    return path
+    return _pairs_file(shared_data, "esci-graded-subset")
 
 
 @pytest.fixture(scope="module")
 def vespa_pairs(shared_data):
-    path = shared_data / "esci-vespa-sample" / "esci_pairs.jsonl"
-    if not path.is_file():
-        pytest.skip(f"ESCI sample with product text not found beside the repo: {path}")
-    return path
+    """ESCI rows with product text (description, bullets)."""
+    return _pairs_file(shared_data, "esci-vespa-sample")
 
 
 @pytest.fixture(scope="module")
