@@ -79,8 +79,9 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
     config.eval = ml_collections.ConfigDict(dict(
         policies=("sft", "rl"), splits=("test", "ood"), max_examples=256, batch_size=64,
         # The eval-only mode (`eval_file` stage, variant `eval_file`): an ESCI-format JSONL judged by the
-        # checkpoints of a finished run ("" = this workdir); rows "all" or a query-id split "train"/"test".
-        input_path="", checkpoint_workdir="", input_split="all", input_test_fraction=0.2))
+        # checkpoints of a finished run ("" = this workdir); rows "all" or a query-id split "train"/"test";
+        # skip_bad_rows: count and skip malformed rows (per reason, in the eval JSON) instead of failing.
+        input_path="", checkpoint_workdir="", input_split="all", input_test_fraction=0.2, skip_bad_rows=False))
 
     # Synthetic-language smoke run of the decoder and the training loop.
     config.lm_smoke = ml_collections.ConfigDict(dict(num_steps=60, seq_len=32, vocab_size=64, log_every=5))

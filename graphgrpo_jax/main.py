@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import copy
 import importlib
+import importlib.util
 import os
+import sys
 from collections.abc import Collection
 
 import jax
@@ -103,6 +105,32 @@ def run(config: ml_collections.ConfigDict, workdir: str, explicit: Collection[st
         getattr(importlib.import_module(module_name), function_name)(config, workdir)
 
 
+def _load_config_file(spec: str) -> ml_collections.ConfigDict | None:
+    """The config of `--config=PATH[:VARIANT]` as config_flags loads it, or None when it cannot be loaded."""
+    path, _, variant = spec.partition(":")
+    try:
+        module_spec = importlib.util.spec_from_file_location("_config_file", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        return module.get_config(variant) if variant else module.get_config()
+    except Exception:  # noqa: BLE001 -- a config that fails to load is reported by absl's own error
+        return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, but an override naming no config field (`--config.model.hf_ckpt=...`, which
+    ml_collections answers with a bare KeyError) fails with the nearest field names."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (KeyError, AttributeError) as err:
+        files = [arg.split("=", 1)[1] for arg in argv[1:] if arg.startswith("--config=")]
+        config = _load_config_file(files[-1]) if files else None
+        paths = [arg.split("=", 1)[0][len("--config."):] for arg in argv[1:] if arg.startswith("--config.")]
+        problems = [config_validation.unknown_field_error(config, path) for path in paths] if config else []
+        problems = [problem for problem in problems if problem] or [f"{type(err).__name__}: {err}"]
+        sys.exit("invalid command line:\n  " + "\n  ".join(problems))
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -114,4 +142,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])  # here, so scripts importing run() need no flags
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -93,15 +93,17 @@ def test_micro_run_from_a_tiny_checkpoint_on_esci_rows(checkpoint, esci_rows, tm
     # The eval-only mode on the test rows, with the run's checkpoints: the run's own numbers.
     test_queries = {e.query_id for e in test_rows}
     test_file = tmp_path / "test_rows.jsonl"
+    bad_rows = ['{"query_id": "q-bad", "query": "lamp"}', '{"query_id": "q-cut", "query": "desk lamp", "prod']
     test_file.write_text("".join(line + "\n" for line in esci_rows.read_text().splitlines()
-                                 if str(json.loads(line)["query_id"]) in test_queries))
+                                 if str(json.loads(line)["query_id"]) in test_queries) + "\n".join(bad_rows) + "\n")
     eval_config = _config(checkpoint, esci_rows)
     eval_config.stages = ("eval_file",)
     eval_config.eval.update(input_path=str(test_file), checkpoint_workdir=str(workdir), policies=("sft", "rl"),
-                            input_split="all")
+                            input_split="all", skip_bad_rows=True)  # the two bad rows are counted, not judged
     main.run(eval_config, str(tmp_path / "eval_only"))
     judged = json.loads((tmp_path / "eval_only" / "eval" / "test_rows.json").read_text())
     assert judged["num_rows"] == len(test_rows)
+    assert sum(judged["skipped_rows"].values()) == 2 and len(judged["skipped_rows"]) == 2, judged["skipped_rows"]
     for policy in ("sft", "rl"):
         for key in ("accuracy", "macro_f1", "format_failure_rate", "product_truncated"):
             assert judged[policy][key] == pytest.approx(results[f"{policy}/test"][key]), (policy, key)

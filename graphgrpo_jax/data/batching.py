@@ -81,8 +81,8 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str | Sequence[int]], max_p
     for row, ids in enumerate(encoded):
         if len(ids) > max_prompt_len:
             if not truncate_prompts:
-                raise ValueError(f"prompt {row} has {len(ids)} tokens > max_prompt_len {max_prompt_len}: "
-                                 f"raise it or set truncate_prompts ({prompts[row][:80]!r}...)")
+                raise ValueError(f"prompt {row} has {len(ids)} tokens > max_prompt_len {max_prompt_len}: raise "
+                                 f"config.data.max_prompt_len ({prompts[row][:80]!r}...)")
             ids, truncated[row] = ids[-max_prompt_len:], 1
         if ids:
             tokens[row, -len(ids):] = ids

@@ -98,11 +98,15 @@ def node_tags(nodes: Sequence[str] = NODES) -> list[str]:
     return [tag for node in nodes for tag in (f"<{node}>", f"</{node}>")]
 
 
+LABEL_POSITIONS = ("last", "first")  # where the label span sits in the chain (`sft.label_position`)
+MASK_UNITS = ("token", "node")  # what CoT random masking drops from the SFT loss (`sft.mask_unit`)
+
+
 def render(values: Mapping[str, str], nodes: Sequence[str] = NODES, label_position: str = "last",
            label_node: str = LABEL_NODE) -> str:
     """Write node values into the tagged template, the label span last (default) or first (A4)."""
-    if label_position not in ("last", "first"):
-        raise ValueError(f"label_position must be 'last' or 'first', got {label_position!r}")
+    if label_position not in LABEL_POSITIONS:
+        raise ValueError(f"label_position must be one of {LABEL_POSITIONS}, got {label_position!r}")
     order = list(nodes)
     if label_position == "first":
         if label_node not in order:

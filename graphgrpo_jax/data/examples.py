@@ -35,6 +35,7 @@ from graphgrpo_jax.data import cot, esci
 from graphgrpo_jax.data import teacher as teacher_lib
 from graphgrpo_jax.data import world as world_lib
 
+SOURCES: tuple[str, ...] = ("world", "esci")  # where examples come from: the synthetic world or real ESCI rows
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 TEACHER_MODES: tuple[str, ...] = ("rule", "none")  # or the path of a teacher file
 PRODUCT_FIELDS: tuple[str, ...] = ("title", "brand", "color", "description", "bullets")

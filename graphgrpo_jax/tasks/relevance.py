@@ -151,7 +151,7 @@ class RelevanceTask:
         )
 
 
-DATA_SOURCES = ("world", "esci")
+DATA_SOURCES = examples_lib.SOURCES
 
 
 @functools.lru_cache(maxsize=4)

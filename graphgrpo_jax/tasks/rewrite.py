@@ -189,6 +189,7 @@ def student_grader(params, encoder_config, tokenizer, world, *, max_length: int,
 
 
 JUDGES = ("tagger", "rule", "student", "retrieval_rule")
+RL_QUERIES = ("all", "unlabelled")  # `rewrite.rl_queries`: the queries GRPO trains on
 
 
 def tag_judge(config: ml_collections.ConfigDict, workdir: str, params: decoder.Params) -> TagJudge:
@@ -246,7 +247,7 @@ class RewriteTask:
             fraction = config.rewrite_sft.labelled_fraction
             self.queries = [q for q in self.queries if not is_labelled(q.query_id, fraction)]
         elif self.cfg.rl_queries != "all":
-            raise ValueError(f"config.rewrite.rl_queries = {self.cfg.rl_queries!r}: choose 'all' or 'unlabelled'")
+            raise ValueError(f"config.rewrite.rl_queries = {self.cfg.rl_queries!r}: choose one of {RL_QUERIES}")
         if not self.queries:
             raise ValueError("no training queries left for RL: config.rewrite_sft.labelled_fraction = 1 labels "
                              "them all; lower it or set config.rewrite.rl_queries = 'all'")

@@ -46,7 +46,7 @@ import numpy as np
 import optax
 
 from graphgrpo_jax import artifacts, mesh as mesh_lib, sampling
-from graphgrpo_jax.data import batching, cot, esci, prepare
+from graphgrpo_jax.data import batching, cot, esci, examples as examples_lib, prepare
 from graphgrpo_jax.eval import classification, relevance, student as student_eval
 from graphgrpo_jax.models import decoder, encoder
 from graphgrpo_jax.rl import rollout
@@ -56,7 +56,6 @@ from graphgrpo_jax.train import loop, state as state_lib
 NODE_VALUES = artifacts.STUDENT_NODE_VALUES  # the categorical nodes a student has heads for
 TEACHERS = ("forced", "samples", "gold")
 POLICIES = ("sft", "rl")  # checkpoint stages a teacher can come from
-SOURCES = ("world", "esci")
 TEACHER_SPLITS = ("train", "test")  # train: distillation targets; test: held-out KL
 
 
@@ -90,8 +89,8 @@ def loss_settings(cfg: ml_collections.ConfigDict) -> LossSettings:
         fail("policy", f"must be one of {POLICIES}")
     if cfg.teacher not in TEACHERS:
         fail("teacher", f"must be one of {TEACHERS}")
-    if not cfg.sources or not set(cfg.sources) <= set(SOURCES):
-        fail("sources", f"must be a non-empty subset of {SOURCES}")
+    if not cfg.sources or not set(cfg.sources) <= set(examples_lib.SOURCES):
+        fail("sources", f"must be a non-empty subset of {examples_lib.SOURCES}")
     if "esci" in cfg.sources and not cfg.esci_path:
         fail("esci_path", "is empty but sources include 'esci'")
     if cfg.temperature <= 0:

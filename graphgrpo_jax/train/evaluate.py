@@ -102,7 +102,8 @@ def run_file(config: ml_collections.ConfigDict, workdir: str) -> dict:
                          f"{FILE_POLICIES}")
     source = cfg.get("checkpoint_workdir") or workdir
     trained = trained_config(source)
-    data = esci.read_flat_jsonl(cfg.input_path, test_fraction=cfg.input_test_fraction)
+    data = esci.read_flat_jsonl(cfg.input_path, test_fraction=cfg.input_test_fraction,
+                                skip_bad_rows=cfg.get("skip_bad_rows", False))
     examples = list(data.examples) if cfg.input_split == "all" else data.split(cfg.input_split)
     if not examples:
         raise ValueError(f"{cfg.input_path}: no readable rows in split {cfg.input_split!r}")

@@ -22,10 +22,10 @@ import numpy as np
 import optax
 
 from graphgrpo_jax import artifacts, mesh as mesh_lib, tasks
+from graphgrpo_jax.data import cot
 from graphgrpo_jax.models import decoder
 from graphgrpo_jax.train import loop, state as state_lib
 
-MASK_UNITS = ("token", "node")
 BATCH_KEYS = ("tokens", "attention_mask", "loss_mask", "node_ids")
 
 
@@ -36,8 +36,8 @@ def cot_random_mask(rng: jax.Array, loss_mask: jax.Array, node_ids: jax.Array, *
     Reasoning tokens are response tokens of a node other than `label_node`; everything else keeps its
     `loss_mask` value.
     """
-    if unit not in MASK_UNITS:
-        raise ValueError(f"mask_unit must be one of {MASK_UNITS}, got {unit!r}")
+    if unit not in cot.MASK_UNITS:
+        raise ValueError(f"mask_unit must be one of {cot.MASK_UNITS}, got {unit!r}")
     reasoning = loss_mask & (node_ids >= 0) & (node_ids != label_node)
     if unit == "token":
         drop = jax.random.bernoulli(rng, p_mask, loss_mask.shape)
