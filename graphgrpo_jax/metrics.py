@@ -64,6 +64,15 @@ class MetricsWriter:
         self.close()
 
 
+REPORT_TEXT_CHARS = 2000  # a report shows a text field up to this length; the data keeps it whole
+
+
+def report_text(text: str, limit: int = REPORT_TEXT_CHARS) -> str:
+    """`text` as a report shows it: whole when short, else its first `limit` characters and how many were left
+    out, so a 1 MB title in the data is never a 1 MB report."""
+    return text if len(text) <= limit else f"{text[:limit]}…[+{len(text) - limit} chars]"
+
+
 def read_jsonl(path: str) -> list[dict]:
     """Reads a metrics.jsonl file back (used by reports and tests)."""
     with open(path) as f:

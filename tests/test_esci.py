@@ -44,8 +44,8 @@ def test_official_schema_sample(vespa):
         assert (example.product_brand, example.label) == (row["product_brand"], CODES[row["esci_label"]])
     compressed = esci.read_official(vespa / "test-sample.parquet", vespa / "sample-products.jsonl.zstd")
     assert compressed == data
-    assert esci.read_official(vespa / "test-sample.parquet", vespa / "sample-products.jsonl",
-                              locale="es").examples == ()
+    with pytest.raises(esci.EsciFormatError, match="no readable rows of locale 'es'"):
+        esci.read_official(vespa / "test-sample.parquet", vespa / "sample-products.jsonl", locale="es")
 
 
 def test_flat_graded_subset(graded):

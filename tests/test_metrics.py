@@ -33,3 +33,11 @@ def test_disabled_writer_writes_nothing(tmp_path):
     with metrics.MetricsWriter(str(tmp_path), "off", enabled=False) as writer:
         assert writer.write_scalars(1, {"a": 1}) == {"a": 1.0}
     assert not (tmp_path / "off").exists()
+
+
+def test_report_text_caps_long_fields_and_says_how_much_was_cut():
+    assert metrics.report_text("short title") == "short title"
+    capped = metrics.report_text("x" * 1_000_000)
+    assert capped == "x" * metrics.REPORT_TEXT_CHARS + f"…[+{1_000_000 - metrics.REPORT_TEXT_CHARS} chars]"
+    assert metrics.report_text("abcdef", limit=6) == "abcdef" and metrics.report_text("abcdefg", limit=6) == \
+        "abcdef…[+1 chars]"

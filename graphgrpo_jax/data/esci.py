@@ -18,9 +18,12 @@ split and a query keeps its split when rows are added. Teacher chains of thought
 LLM can be joined from a JSONL of `{"example_id": ..., "cot": ...}`. Rows without an `example_id` get
 `"<query_id>:<product_id>"` (`":<k>"` appended for the k-th repeat of the pair in file order).
 
-A bad row (missing title, unknown label, missing field, unreadable line) raises `EsciFormatError`
-naming the file, row (counted from 1; the line number in JSON lines) and field, or is skipped and counted
-under its reason when `skip_bad_rows` is set. An unreadable file always raises.
+A bad row (missing title, unknown label, missing field, a field of the wrong type, unreadable line) raises
+`EsciFormatError` naming the file, row (counted from 1; the line number in JSON lines) and field, or is
+skipped and counted under its reason when `skip_bad_rows` is set. Nothing is coerced: `query` and
+`product_title` must be strings, ids strings or integers, the optional product texts strings or null; other
+fields are ignored; blank lines are not rows. An unreadable file, and a file with no readable row (empty, or
+every row skipped), always raise.
 """
 
 from __future__ import annotations
@@ -100,6 +103,16 @@ def normalise_label(value: Any) -> str | None:
     return None
 
 
+# Product text fields a row may carry (absent or null: empty); other unknown fields are ignored.
+OPTIONAL_TEXT_FIELDS = ("product_brand", "product_color", "product_description", "product_bullet_point",
+                        "product_bullets")
+
+
+def _is_text(value: Any, id_field: bool) -> bool:
+    """Strings; for id fields also integers (ESCI's ids are numbers in some exports), never bools or lists."""
+    return isinstance(value, str) or (id_field and isinstance(value, int) and not isinstance(value, bool))
+
+
 class _RowReader:
     """Turns raw rows into examples, raising or counting the bad ones."""
 
@@ -120,11 +133,20 @@ class _RowReader:
         text_fields = {}
         for field in ("query_id", "query", "product_id", "product_title"):
             value = record.get(field)
+            if value is not None and not _is_text(value, id_field=field.endswith("_id")):
+                self.bad(row, field, f"expected {'a string or an integer' if field.endswith('_id') else 'a string'}"
+                                     f", got a {type(value).__name__}")
+                return
             text = "" if value is None else " ".join(str(value).split())
             if not text:
                 self.bad(row, field, "missing")
                 return
             text_fields[field] = text
+        for field in (*OPTIONAL_TEXT_FIELDS, "example_id"):
+            value = record.get(field)
+            if value is not None and not _is_text(value, id_field=field == "example_id"):
+                self.bad(row, field, f"expected a string or null, got a {type(value).__name__}")
+                return
         label = self._label(row, record)
         if label is None:
             return
@@ -160,13 +182,18 @@ class _RowReader:
             return label or graded
         return None
 
-    def result(self, teacher_cot: Mapping[str, str] | None) -> EsciData:
+    def result(self, teacher_cot: Mapping[str, str] | None, which: str = "") -> EsciData:
+        """The examples read; `which` says what rows were asked for (" of locale 'us'") when none are found."""
         examples = self.examples
         if teacher_cot:
             examples = [dataclasses.replace(e, teacher_cot=teacher_cot.get(e.example_id)) for e in examples]
         if self.skipped:
             logging.warning("%s: skipped %d bad rows: %s", self.path, sum(self.skipped.values()),
                             dict(self.skipped))
+        if not examples:  # an empty file, or every row bad: never zero rows without a word
+            raise EsciFormatError(self.path, None, None, f"no readable rows{which}" + (
+                f": all {sum(self.skipped.values())} skipped ({dict(self.skipped)})" if self.skipped else
+                " (an empty file?)"))
         return EsciData(tuple(examples), dict(sorted(self.skipped.items())))
 
 
@@ -269,7 +296,8 @@ def read_official(examples_path: str | pathlib.Path, products_path: str | pathli
         record = {**{key: example.get(key) for key in _EXAMPLE_COLUMNS},
                   **{key: product.get(key) for key in _PRODUCT_TEXT_COLUMNS}}
         reader.add(row, record, esci_split=str(example.get("split") or ""))
-    return reader.result(read_teacher_cot(teacher_cot_path) if teacher_cot_path else None)
+    return reader.result(read_teacher_cot(teacher_cot_path) if teacher_cot_path else None,
+                         which=f" of locale {locale!r}" if locale is not None else "")
 
 
 def read_flat_jsonl(path: str | pathlib.Path, *, test_fraction: float = 0.2, skip_bad_rows: bool = False,

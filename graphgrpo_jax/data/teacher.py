@@ -212,6 +212,8 @@ def read_teacher_file(path: str | pathlib.Path, *, nodes: Sequence[str] = cot.NO
         first_line[example_id] = number
     if rows == 0:
         raise EsciFormatError(path, None, None, "empty teacher file: no rows")
+    if not nodes_by_id:  # every row skipped: a join with nothing would look like a file of label-only rows
+        raise EsciFormatError(path, None, None, f"no readable rows: all {rows} skipped ({dict(skipped)})")
     if skipped:
         logging.warning("%s: skipped %d bad rows: %s", path, sum(skipped.values()), dict(skipped))
     return TeacherFile(nodes_by_id, dict(sorted(skipped.items())))

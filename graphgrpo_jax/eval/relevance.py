@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 
 from graphgrpo_jax import sampling
+from graphgrpo_jax.metrics import report_text
 from graphgrpo_jax.data import cot
 from graphgrpo_jax.eval import classification
 from graphgrpo_jax.models import decoder
@@ -140,6 +141,6 @@ def evaluate_pairs(params, config, tokenizer, queries, titles, gold_labels) -> d
                                                   negative_class="Irrelevant")
     report["product_truncated"] = int(cut.sum())
     report["predictions"] = [int(pred) for pred in preds]  # per row, in input order: label index, -1 = failure
-    report["examples"] = [{"query": q, "title": t, "gold": g, "generated": x}
+    report["examples"] = [{"query": report_text(q), "title": report_text(t), "gold": g, "generated": report_text(x)}
                           for q, t, g, x in list(zip(queries, titles, gold_labels, texts))[:5]]
     return report

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from graphgrpo_jax import sampling
+from graphgrpo_jax.metrics import report_text
 from graphgrpo_jax.data import batching, cot, world as world_lib
 from graphgrpo_jax.models import decoder
 from graphgrpo_jax.rl import rollout
@@ -54,7 +55,7 @@ def rewrite_metrics(world: world_lib.World, engine: Retriever, queries: Sequence
         "accuracy": float(np.mean([world_lib.keeps_intent(world, q, r) for q, r in zip(queries, rewrites)])),
         "recall": float(np.mean(recalls)) if recalls else float("nan"),
         "relevance": float(np.mean(relevances)),
-        "examples": [{"query": q.text, "rewrite": r, "gold_rewrite": q.gold_rewrite}
+        "examples": [{"query": report_text(q.text), "rewrite": report_text(r), "gold_rewrite": q.gold_rewrite}
                      for q, r in list(zip(queries, rewrites))[:5]],
     }
 
