@@ -45,6 +45,7 @@ def _paper_faithful(config):
 METHODS = {
     "outcome_grpo": lambda c: c.credit.update(variant="outcome"),
     "chain_process": lambda c: c.credit.update(variant="chain_process"),
+    "pure_min": lambda c: c.credit.update(variant="pure_min"),
     "graph_paper_faithful": _paper_faithful,
     "graph_default": lambda c: None,
     "graph_rule_consistency": lambda c: c.credit.update(evidence="rule_consistency"),

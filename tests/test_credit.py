@@ -397,6 +397,9 @@ def np_reference(spec, rewards, values, gold, group_size, phi, settings, tokens,
         a *= counted
         if settings.variant == "chain_process":
             a = np.stack([a[:, sorted(later(v))].sum(1) for v in range(v_count)], 1) * counted
+        if settings.variant == "pure_min":  # the least advantage of the node and its later steps that are present
+            a = np.array([[min(a[i, w] for w in later(v) if counted[i, w]) if counted[i, v] else 0.0
+                           for v in range(v_count)] for i in range(group_size)])
         credits[rows], advantages[rows] = c, a
     token_adv = np.zeros(tokens.shape)
     for i, t in zip(*np.nonzero(mask)):
@@ -406,7 +409,7 @@ def np_reference(spec, rewards, values, gold, group_size, phi, settings, tokens,
 
 # `outcome` and `path_scaled` read neither evidence nor norm: one setting each covers them.
 GRID = [CreditSettings(variant=variant, evidence=evidence, norm=norm, kappa=0.5, eps=1e-3)
-        for variant in ("graph", "chain_process") for evidence in credit.EVIDENCE_MODES
+        for variant in ("graph", "chain_process", "pure_min") for evidence in credit.EVIDENCE_MODES
         for norm in credit.NORM_MODES] + [
         CreditSettings(variant=variant, kappa=0.5, eps=1e-3) for variant in ("outcome", "path_scaled")]
 
@@ -533,7 +536,7 @@ def test_paper_faithful_is_one_override_away():
 
 @pytest.mark.parametrize("field, value, message", [
     ("variant", "magic",
-     r"'variant' = 'magic': choose one of \('outcome', 'graph', 'chain_process', 'path_scaled'"),
+     r"'variant' = 'magic': choose one of \('outcome', 'graph', 'chain_process', 'pure_min', 'path_scaled'"),
     ("evidence", "oracle", r"'evidence' = 'oracle'"),
     ("norm", "batch", r"'norm' = 'batch'"),
     ("kappa", -1.0, r"'kappa' = -1.0: must be >= 0"),
@@ -570,3 +573,28 @@ def test_variants_are_a_registry(spec, monkeypatch):
         out = run(spec, settings, rewards, values, 4)
     grpo = np_grpo(rewards, 4)
     np.testing.assert_allclose(out.node_advantages, np.repeat(grpo[:, None], 7, 1), atol=1e-6)
+
+
+def test_pure_min_bounds_every_node_by_its_own_graph_advantage_with_finite_phi_gradients(spec):
+    """The minimum over the node and its later steps includes the node itself, so PURE-min never pays a node more
+    than `graph` does, and exactly the same where the node is the root; missing nodes get 0, gradients stay finite."""
+    rng = np.random.default_rng(12)
+    rewards = rng.integers(0, 2, MAX_ROLLOUTS).astype(float)
+    rewards[::4] = 1.0
+    rewards[1::4] = 0.0  # every group has spread
+    values = rng.integers(0, 3, (MAX_ROLLOUTS, 7))
+    values[:, 4:6] = rng.integers(0, 2, (MAX_ROLLOUTS, 2))
+    values[rng.random((MAX_ROLLOUTS, 7)) < 0.2] = -1  # some spans did not parse
+    values[:, 6] = rng.integers(0, 4, MAX_ROLLOUTS)
+    graph_out = run(spec, CreditSettings(variant="graph", eps=1e-3), rewards, values, 4)
+    pure = run(spec, CreditSettings(variant="pure_min", eps=1e-3), rewards, values, 4)
+    assert np.all(pure.node_advantages <= graph_out.node_advantages + 1e-6)
+    np.testing.assert_allclose(pure.node_advantages[:, spec.root], graph_out.node_advantages[:, spec.root], atol=1e-6)
+    missing = (values < 0) & (np.arange(7) != spec.root)
+    assert np.all(pure.node_advantages[missing] == 0.0)
+    tokens = rng.integers(-1, 7, (MAX_ROLLOUTS, T))
+    batch = (rewards, values, np.zeros(MAX_ROLLOUTS, int), tokens, np.ones((MAX_ROLLOUTS, T), bool))
+    weights = jnp.asarray(rng.normal(size=(MAX_ROLLOUTS, T)), jnp.float32)
+    _, grad = loss_and_grad(jnp.full(6, 0.5), *encoded(spec, batch), weights, spec=spec,
+                            settings=CreditSettings(variant="pure_min", eps=1e-3))
+    assert np.all(np.isfinite(grad)) and np.any(np.asarray(grad) != 0.0)

@@ -55,6 +55,8 @@ Variants (a registry; `register_variant` adds one):
                    normalised credits of the node and of all its later steps (the nodes credit
                    reaches it from, up to the root); over a chain, the step and all later steps.
                    With φ = 0 each step is rewarded by its own evidence alone, as in DeepSeekMath.
+  `pure_min`       PURE's min-form credit (arXiv 2504.15275): a node's tokens get the minimum, not the sum, of
+                   the normalised advantages of the node and of its later steps (those present).
   `path_scaled`    A_{i,v} = w_v·Â_i with w_root = 1, w_v = Σ_{u->v} φ'_uv·w_u; c = w_v·R_i.
 """
 
@@ -426,6 +428,18 @@ def _chain_process(ctx: _Context, phi: jax.Array, spec: GraphSpec, settings: Cre
     later_steps = jnp.asarray(spec.consumer_closure(), jnp.float32)  # [v, w]: w is v or a later step
     present = _to_dense(ctx.batch, (ctx.batch.present | ctx.is_root).astype(jnp.float32), spec.num_nodes)
     return credits, (advantages @ later_steps.T) * present
+
+
+@register_variant("pure_min")
+def _pure_min(ctx: _Context, phi: jax.Array, spec: GraphSpec, settings: CreditSettings):
+    """PURE's min-form credit (Cheng et al. 2025, arXiv 2504.15275) on the graph: a node's tokens get the least
+    normalised advantage among the node and its later steps that are present, where `chain_process` sums them,
+    so one bad later step bounds every step before it and no step is paid twice."""
+    credits, advantages = _graph(ctx, phi, spec, settings)
+    later_steps = jnp.asarray(spec.consumer_closure(), bool)  # [v, w]: w is v or a later step
+    present = _to_dense(ctx.batch, (ctx.batch.present | ctx.is_root).astype(jnp.float32), spec.num_nodes) > 0
+    candidates = jnp.where(later_steps[None] & present[:, None, :], advantages[:, None, :], jnp.inf)  # [g, v, w]
+    return credits, jnp.where(present, candidates.min(axis=-1), 0.0)
 
 
 @register_variant("path_scaled")
