@@ -174,3 +174,69 @@ def test_teacher_file_reader_names_or_counts_bad_rows_and_keeps_good_ones(lines,
         assert sum(read.skipped.values()) == len(bad)
     finally:
         path.unlink()
+
+
+# Rewrite query files (data/rewrite_data.py, the Rec-R1 layout): the same contract.
+def transcript(query: str, answer: str = '{"query": "(a OR b) AND c"}') -> str:
+    return (f"<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nBelow is the query:\n```{query}```\n"
+            f"<|im_end|>\n<|im_start|>assistant\n<think>\nreasons\n</think>\n<answer>{answer}</answer>")
+
+
+QUERY_MALFORMED = {
+    "list query": ("query", lambda row: json.dumps({**row, "query": ["a"]}).encode()),
+    "blank query": ("query", lambda row: json.dumps({**row, "query": " "}).encode()),
+    "string targets": ("target_asins", lambda row: json.dumps({**row, "target_asins": "B01"}).encode()),
+    "number target": ("target_asins", lambda row: json.dumps({**row, "target_asins": ["B01", 7]}).encode()),
+    "no targets": ("target_asins", lambda row: json.dumps({k: v for k, v in row.items()
+                                                          if k != "target_asins"}).encode()),
+    "number source": ("data_source", lambda row: json.dumps({**row, "data_source": 3}).encode()),
+    "dict transcript": ("sft_text", lambda row: json.dumps({**row, "sft_text": {"t": 1}}).encode()),
+    "another query's transcript": ("sft_text", lambda row: json.dumps(
+        {**row, "sft_text": transcript(row["query"] + " other")}).encode()),
+    "truncated line": (None, lambda row: json.dumps(row).encode()[:-5]),
+    "not utf-8": (None, lambda row: json.dumps(row).encode().replace(b'"query"', b'"que\xffry"', 1)),
+}
+ANSWERS = ('{"query": "(a OR b) AND c"}', "no json here", '{"query": 3}', "")
+
+
+@st.composite
+def query_files(draw):
+    lines = []
+    for _ in range(draw(st.integers(0, 6))):
+        query = draw(WORDS)
+        row = {"query": query, "target_asins": draw(st.lists(WORDS, max_size=3)), "data_source": "esci_train",
+               "sft_text": draw(st.one_of(st.none(), st.sampled_from(ANSWERS).map(lambda a: transcript(query, a))))}
+        kind = draw(st.one_of(st.none(), st.none(), st.just("blank"), st.sampled_from(sorted(QUERY_MALFORMED))))
+        raw = b"  " if kind == "blank" else QUERY_MALFORMED[kind][1](row) if kind else json.dumps(row).encode()
+        lines.append((raw, row, kind))
+    return lines
+
+
+@settings(max_examples=60, deadline=None)
+@given(query_files(), st.booleans())
+def test_rewrite_query_reader_names_or_counts_bad_rows_and_keeps_good_ones(lines, skip):
+    from graphgrpo_jax.data import rewrite_data
+
+    path = write(lines)
+    bad = [(number, kind) for number, (_, _, kind) in enumerate(lines, start=1) if kind not in (None, "blank")]
+    good = [row for _, row, kind in lines if kind is None]
+    try:
+        if not good or (bad and not skip):
+            with pytest.raises(esci.EsciFormatError) as raised:
+                rewrite_data.read_queries(path, split="train", skip_bad_rows=skip)
+            if bad and not skip:
+                number, kind = bad[0]
+                assert (raised.value.path, raised.value.row, raised.value.field) == (
+                    str(path), number, QUERY_MALFORMED[kind][0])
+            return
+        read = rewrite_data.read_queries(path, split="train", skip_bad_rows=skip)
+        assert [(q.query, q.target_ids) for q in read.queries] == [
+            (" ".join(row["query"].split()), tuple(dict.fromkeys(" ".join(t.split()) for t in row["target_asins"])))
+            for row in good]
+        teachers = [q.teacher.rewrite if q.teacher else None for q in read.queries]
+        assert teachers == [("(a OR b) AND c" if row["sft_text"] and ANSWERS[0] in row["sft_text"] else None)
+                            for row in good]
+        assert sum(read.teacherless.values()) == sum(t is None for t, row in zip(teachers, good) if row["sft_text"])
+        assert sum(read.skipped.values()) == len(bad)
+    finally:
+        path.unlink()

@@ -109,6 +109,10 @@ RULE_CASES = [
     ("red red red shoes", ("repetition",)),
     ("red shoes red shoes", ("repetition",)),
     ("(red OR blue) AND (red OR green)", ()),  # a word twice is allowed, no bigram repeats
+    # Quoted phrases are one term each: the ESCI teacher's phrase lists are not loops, a phrase thrice is.
+    ('("HD TV" OR "LED TV" OR "4K TV" OR \'smart TV\') AND television', ()),
+    ('"hd tv" OR "HD  TV" OR \'hd tv\'', ("repetition",)),
+    ("women's OR womens' OR women's shoes", ()),  # apostrophes are not quotes
 ]
 
 

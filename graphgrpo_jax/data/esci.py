@@ -35,7 +35,7 @@ import json
 import logging
 import pathlib
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -197,8 +197,17 @@ class _RowReader:
         return EsciData(tuple(examples), dict(sorted(self.skipped.items())))
 
 
-def _json_lines(path: pathlib.Path, reader: _RowReader | None) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number from 1, object) per non-blank line; an unreadable line is a bad row of `reader`."""
+class BadRowSink(Protocol):
+    """What `json_lines` reports unreadable lines to: a reader that raises or counts bad rows."""
+
+    skip_bad_rows: bool
+
+    def bad(self, row: int, field: str | None, problem: str) -> None: ...
+
+
+def json_lines(path: pathlib.Path, reader: BadRowSink | None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number from 1, object) per non-blank line; an unreadable line is a bad row of `reader` (None:
+    an error)."""
     _require_file(path)
     suffixes = path.suffixes
     compression = "zstd" if suffixes and suffixes[-1] in (".zst", ".zstd") else None
@@ -255,7 +264,7 @@ def _read_products(path: pathlib.Path) -> dict[tuple[str, str], dict[str, Any]]:
     if path.suffix == ".parquet":
         rows = enumerate(_read_parquet(path, ("product_id", "product_title")), start=1)
     else:
-        rows = _json_lines(path, reader=None)
+        rows = json_lines(path, reader=None)
     products: dict[tuple[str, str], dict[str, Any]] = {}
     for _, row in rows:
         if "fields" in row:  # a Vespa feed document
@@ -269,7 +278,7 @@ def read_teacher_cot(path: str | pathlib.Path) -> dict[str, str]:
     """example_id -> chain of thought, from JSON lines `{"example_id": ..., "cot": ...}`."""
     path = pathlib.Path(path)
     cot: dict[str, str] = {}
-    for number, row in _json_lines(path, reader=None):
+    for number, row in json_lines(path, reader=None):
         for field in ("example_id", "cot"):
             if row.get(field) is None or (field == "cot" and not isinstance(row[field], str)):
                 raise EsciFormatError(path, number, field, "missing" if row.get(field) is None else "not text")
@@ -305,6 +314,6 @@ def read_flat_jsonl(path: str | pathlib.Path, *, test_fraction: float = 0.2, ski
     """ESCI pairs as flat JSON lines (rows are numbered by line, from 1)."""
     path = pathlib.Path(path)
     reader = _RowReader(path, test_fraction, skip_bad_rows)
-    for number, record in _json_lines(path, reader):
+    for number, record in json_lines(path, reader):
         reader.add(number, record, esci_split=str(record.get("split") or ""))
     return reader.result(read_teacher_cot(teacher_cot_path) if teacher_cot_path else None)

@@ -200,7 +200,7 @@ class _Batch(NamedTuple):
 
 
 def _batch_view(graph: jraph.GraphsTuple, spec: GraphSpec) -> _Batch:
-    num_graphs, num_node_slots = graph.n_node.shape[0], graph.nodes["type"].shape[0]
+    num_node_slots = graph.nodes["type"].shape[0]
     node_real = jraph.get_node_padding_mask(graph)
     graph_real = jraph.get_graph_padding_mask(graph)
     # searchsorted, not jnp.repeat: XLA mis-partitions the repeat inside the update's scan on some meshes
