@@ -98,3 +98,40 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides) -> ml_collecti
             parsed = value
         config.update_from_flattened_dict({key: tuple(parsed) if isinstance(parsed, list) else parsed})
     return config
+
+
+SMOLLM2_BUDGETS = ("cpu", "gpu", "micro")
+
+
+def smollm2_budget(config: ml_collections.ConfigDict, sft: ml_collections.ConfigDict, budget: str) -> None:
+    """The training budget of SmolLM2-135M that both real-data configs share, `sft` being their SFT section.
+
+    "cpu": fp32 on 2 cores (an SFT step of 8 rows is seconds, an RL step of 4 groups of 4 about a minute);
+    "gpu": bf16 compute over fp32 master weights, 4x the rows and twice the group size; "micro": a step or two
+    of each stage, for tests. The RL rate (5e-6) and G are untuned.
+    """
+    if budget not in SMOLLM2_BUDGETS:
+        raise ValueError(f"SmolLM2 budget {budget!r}: choose one of {SMOLLM2_BUDGETS}")
+    config.model.update(dtype="float32", param_dtype="float32")
+    config.optim.update(learning_rate=1e-4, warmup_steps=10, schedule="cosine", batch_size=8, microbatches=2,
+                        weight_decay=0.0)
+    sft.update(num_steps=150, log_every=5)
+    config.checkpoint.update(save_every=25, max_to_keep=2)
+    config.grpo.num_generations = 4
+    config.grpo.max_completion_length = config.data.max_response_len
+    config.rl.update(num_steps=20, prompts_per_step=4)
+    config.rl_optim.update(learning_rate=5e-6, microbatches=4)
+    if budget == "gpu":
+        config.model.dtype = "bfloat16"
+        config.optim.update(batch_size=32, microbatches=1)
+        sft.num_steps = 300
+        config.grpo.num_generations = 8
+        config.rl.update(num_steps=100, prompts_per_step=16)
+        config.rl_optim.microbatches = 1
+    elif budget == "micro":
+        config.optim.update(batch_size=4, microbatches=1, warmup_steps=1)
+        sft.update(num_steps=2, log_every=1)
+        config.rl.update(num_steps=1, prompts_per_step=2)
+        config.rl_optim.microbatches = 1
+        config.grpo.num_generations = 2
+        config.checkpoint.save_every = 1

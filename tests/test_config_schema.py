@@ -11,7 +11,7 @@ import pytest
 
 from graphgrpo_jax import config_validation as cv
 
-CONFIGS = {"relevance": ("cpu", "micro", "smoke", "eval_file"), "rewrite": ("cpu", "micro", "gpu"),
+CONFIGS = {"relevance": ("cpu", "micro", "smoke", "eval_file"), "rewrite": ("cpu", "micro", "gpu", "smollm2_esci", "smollm2_esci_gpu"),
            "smollm2_esci": ("cpu", "micro", "gpu"), "relevance_pod": ("gpu8", "v5p_128")}
 
 # Fields no SCHEMA rule checks, and what checks them instead.
@@ -25,6 +25,7 @@ NOT_IN_SCHEMA = {
     "variant": "a name", "model.preset": "a name", "mesh.preset": "a name", "distill.run_name": "a name",
     "mesh.coordinator_address": "mesh.maybe_initialize_distributed", "mesh.num_processes": "the same",
     "mesh.process_id": "the same",
+    **{f"rewrite_data.{field}": "data_file_errors" for field in ("train_path", "val_path", "test_path", "pool_paths")},
 }
 NOT_IN_SCHEMA_SECTIONS = {"graph.": "graph.spec.graph_spec (run by _settings_errors)"}
 
@@ -101,6 +102,8 @@ def test_choices_written_out_match_the_modules_that_read_them():
     assert cv.REWRITE_JUDGES == rewrite.JUDGES
     assert cv.REWRITE_RL_QUERIES == rewrite.RL_QUERIES
     assert cv.FUSION_MODES == rewards.FUSION_MODES
+    assert cv.FUSIONS_READING_REL == tuple(m for m in rewards.FUSION_MODES if "rel" in rewards.FUSION_INPUTS[m])
+    assert cv.REWRITE_WORLD_ONLY_JUDGES == rewrite.WORLD_ONLY_JUDGES
     assert cv.CONVERSION_METRICS == rewards.CONVERSION_METRICS
 
 

@@ -230,7 +230,7 @@ def test_rewrite_query_reader_names_or_counts_bad_rows_and_keeps_good_ones(lines
                     str(path), number, QUERY_MALFORMED[kind][0])
             return
         read = rewrite_data.read_queries(path, split="train", skip_bad_rows=skip)
-        assert [(q.query, q.target_ids) for q in read.queries] == [
+        assert [(q.text, q.target_ids) for q in read.queries] == [
             (" ".join(row["query"].split()), tuple(dict.fromkeys(" ".join(t.split()) for t in row["target_asins"])))
             for row in good]
         teachers = [q.teacher.rewrite if q.teacher else None for q in read.queries]

@@ -71,7 +71,7 @@ def _score(world, case, fusion="rfusion", queries=None):
     query, rewrites, engine, judge = case
     task_config = rewrite_configs.get_config("micro")
     task_config.rewrite.fusion = fusion
-    task = rewrite_task.RewriteTask(task_config, world, engine=engine, judge=judge)
+    task = rewrite_task.RewriteTask.for_world(task_config, world, engine=engine, judge=judge)
     if queries is not None:
         task.queries = queries
     row = [q.query_id for q in task.queries].index(query.query_id)
@@ -121,7 +121,7 @@ def test_task_rejects_an_unknown_fusion(world):
     config = rewrite_configs.get_config("micro")
     config.rewrite.fusion = "average"
     with pytest.raises(ValueError, match="config.rewrite.fusion = 'average'"):
-        rewrite_task.RewriteTask(config, world, engine=FakeEngine({}), judge=None)
+        rewrite_task.RewriteTask.for_world(config, world, engine=FakeEngine({}), judge=None)
 
 
 # ------------------------------------------------------------------------------------ offline metrics
@@ -292,11 +292,11 @@ def test_labelled_queries_split_sft_from_rl(world):
     config = rewrite_configs.get_config("micro")
     config.rewrite_sft.labelled_fraction = 0.3
     config.rewrite.rl_queries = "unlabelled"
-    task = rewrite_task.RewriteTask(config, world, engine=FakeEngine({}), judge=None)
+    task = rewrite_task.RewriteTask.for_world(config, world, engine=FakeEngine({}), judge=None)
     assert {q.query_id for q in task.queries} == {q.query_id for q in queries} - labelled
     config.rewrite_sft.labelled_fraction = 1.0
     with pytest.raises(ValueError, match="no training queries left for RL"):
-        rewrite_task.RewriteTask(config, world, engine=FakeEngine({}), judge=None)
+        rewrite_task.RewriteTask.for_world(config, world, engine=FakeEngine({}), judge=None)
     with pytest.raises(ValueError, match="labelled_fraction = 0"):
         rewrite_task.is_labelled("q1", 0.0)
 
@@ -354,7 +354,7 @@ def test_index_is_reused_and_checked_against_the_world(pipeline, config):
     assert os.stat(manifest).st_mtime_ns == before
     other = rewrite_configs.get_config("micro")
     other.world.products_per_type = 17
-    with pytest.raises(ValueError, match="indexes 624 products but the world of this config has 663"):
+    with pytest.raises(ValueError, match="indexes 624 products but the catalogue of this config has 663"):
         rewrite.build_index(other, str(pipeline))
 
 

@@ -31,9 +31,9 @@ def test_the_recr1_splits_have_the_documented_counts_and_no_test_query_outside_t
     assert (len(splits.train.queries), len(splits.val.queries), len(splits.test.queries)) == (4510, 100, 798)
     assert splits.val_rows_of_test_queries == 798
     assert {q.data_source for q in splits.val.queries} == {"esci_val"}
-    test = {q.query for q in splits.test.queries}
-    assert not test & {q.query for q in splits.train.queries + splits.val.queries}
-    assert len({q.query for q in splits.train.queries}) == 4510
+    test = {q.text for q in splits.test.queries}
+    assert not test & {q.text for q in splits.train.queries + splits.val.queries}
+    assert len({q.text for q in splits.train.queries}) == 4510
     # 4,509 of the 4,510 train transcripts have an <answer>; 4 of those are not JSON: 4,505 teacher rewrites.
     assert splits.train.teacherless == {'answer is not JSON with a non-empty "query" string': 4, "no <answer> block": 1}
     assert sum(q.teacher is not None for q in splits.train.queries) == 4505
@@ -46,7 +46,7 @@ def test_the_recr1_splits_have_the_documented_counts_and_no_test_query_outside_t
 def test_a_teacher_transcript_parses_into_reasoning_and_both_rewrite_formats(splits):
     first = splits.train.queries[0]
     record = json.loads((RECR1 / "train.jsonl").open().readline())
-    assert (first.query, first.target_ids) == (record["query"], tuple(record["target_asins"]))
+    assert (first.text, first.target_ids) == (record["query"], tuple(record["target_asins"]))
     assert first.teacher.rewrite == "LED AND (race OR wire)"
     assert first.teacher.target("boolean") == "LED AND (race OR wire)"
     assert first.teacher.target("plain") == "led race wire"
@@ -78,7 +78,7 @@ def test_a_transcript_of_another_query_is_a_bad_row_naming_file_line_and_field(t
                                                    r"'led race wire' is not the row's query 'led race cable'"):
         rewrite_data.read_queries(path, split="train")
     read = rewrite_data.read_queries(path, split="train", skip_bad_rows=True)
-    assert [q.query for q in read.queries] == ["led race wire"]
+    assert [q.text for q in read.queries] == ["led race wire"]
     assert list(read.skipped.values()) == [1]
 
 
@@ -102,12 +102,12 @@ def test_the_pool_holds_every_titled_product_and_its_judgements(pool, splits):
     exact = {(" ".join(r["query"].split()), r["product_id"]) for r in rows if r["esci_label"] == "E"}
     assert {(q, p) for q, judged in pool.judgements.items() for p, g in judged.items() if g == 3} == exact
     queries = rewrite_data.pool_queries(pool, [splits.train, splits.val, splits.test])
-    assert len({q.query for q in queries}) == len(queries) == 172
+    assert len({q.text for q in queries}) == len(queries) == 172
     ids = pool.ids
     assert all(q.target_ids and set(q.target_ids) <= ids for q in queries)
     judged_only = {q for q, _ in exact}
-    assert {q.query for q in queries if q.split == "pool"} <= judged_only
-    by_split = {split: [q for q in queries if rewrite_data.pool_split(q.query, seed=0, rl_fraction=0.5) == split]
+    assert {q.text for q in queries if q.split == "pool"} <= judged_only
+    by_split = {split: [q for q in queries if rewrite_data.pool_split(q.text, seed=0, rl_fraction=0.5) == split]
                 for split in rewrite_data.POOL_SPLITS}
     assert (len(by_split["rl"]), len(by_split["test"])) == (88, 84)
     with pytest.raises(ValueError, match="rl_fraction = 1.5"):
@@ -117,17 +117,17 @@ def test_the_pool_holds_every_titled_product_and_its_judgements(pool, splits):
 def test_the_search_reward_on_real_rows_matches_an_independent_recall(pool, splits, tmp_path):
     engine = SearchEngine.build(pool.products, tmp_path / "index", extra_fields=rewrite_data.POOL_FIELDS)
     assert len(engine) == 480
-    queries = sorted(rewrite_data.pool_queries(pool, [splits.val, splits.test]), key=lambda q: q.query)[:6]
-    texts = [q.query for q in queries]
-    contexts = [{"query": q.query, "purchased_product_ids": list(q.target_ids)} for q in queries]
+    queries = sorted(rewrite_data.pool_queries(pool, [splits.val, splits.test]), key=lambda q: q.text)[:6]
+    texts = [q.text for q in queries]
+    contexts = [{"query": q.text, "purchased_product_ids": list(q.target_ids)} for q in queries]
     recall = rewards.r_conv(texts, contexts, engine=engine, k=10)
     for value, query in zip(recall, queries):
-        top = [pid for pid, _ in engine.search(query.query, 10)]
+        top = [pid for pid, _ in engine.search(query.text, 10)]
         assert value == pytest.approx(len(set(top) & set(query.target_ids)) / len(query.target_ids))
     assert recall.mean() > 0.3  # the raw query finds its own Exact products in a 480-product pool
     # Every teacher rewrite of these val queries is searched with its own syntax, and r_rule passes it.
     teacher = [q for q in splits.val.queries if q.teacher][:20]
     assert all(engine.is_well_formed(q.teacher.rewrite) for q in teacher)
-    rules = rewards.r_rule([q.teacher.rewrite for q in teacher], [{"query": q.query} for q in teacher], engine=engine,
+    rules = rewards.r_rule([q.teacher.rewrite for q in teacher], [{"query": q.text} for q in teacher], engine=engine,
                            max_words=64)
     assert rules.mean() >= 0.9

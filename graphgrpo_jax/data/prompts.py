@@ -1,4 +1,5 @@
-"""Relevance prompts for from-scratch and pretrained models: rendered, tokenized and cut to fit.
+"""Prompts for from-scratch and pretrained models: the relevance prompts (rendered, tokenized and cut to fit) and,
+at the end, the two prompts of the rewrite task.
 
 Two styles (`PROMPT_STYLES`):
 
@@ -53,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from graphgrpo_jax.data import batching, cot
+from graphgrpo_jax.data import batching, cot, rewrite_data
 
 _LOG = logging.getLogger(__name__)
 
@@ -251,3 +252,75 @@ def encode_relevance_sft(tokenizer: Any, queries: Sequence[str], products: Seque
                                           style=style, answer=answer)
     encoded = batching.encode_sft(tokenizer, ids, responses, max_prompt_len, max_response_len, nodes)
     return {**encoded, "prompt_truncated": truncated.copy(), "product_truncated": truncated}
+
+
+# ------------------------------------------------------------------------------------- query rewriting (B)
+#
+# The rewrite task's two prompts in the same two styles. "plain": `cot.rewrite_prompt` / `cot.tag_prompt`
+# text (special tokens added as `batching.encode_prompts` adds them), the response the bare rewrite.
+# "chat": the checkpoint's template over `REWRITE_SYSTEM` and a user turn naming the query (and, for tagging,
+# the rewrite); the rewrite is answered as the ESCI teacher answers, `<answer>{"query": "..."}</answer>`
+# (`rewrite_data.answer_text`), so that a response with no readable answer is a format failure. Tag responses
+# are one of `cot.REWRITE_TAGS` in both styles. Queries and rewrites are short: nothing is cut, a prompt over
+# `max_prompt_len` is an error (`batching.encode_prompts`).
+
+REWRITE_SYSTEM = "You rewrite shopping queries for a product search engine."
+_ANSWER_FORMAT = 'Answer as <answer>{"query": "..."}</answer>.'
+REWRITE_INSTRUCTIONS: dict[str, str] = {
+    "boolean": f"Rewrite the query for a keyword search engine, with AND, OR and parentheses. {_ANSWER_FORMAT}",
+    "plain": f"Rewrite the query for a keyword search engine as a few search words. {_ANSWER_FORMAT}",
+}
+TAG_INSTRUCTION = ("Does the rewrite keep the query's intent? Answer with one of: "
+                   + ", ".join(cot.REWRITE_TAGS) + ".")
+
+
+def rewrite_user_text(query: str, rewrite_format: str = "boolean") -> str:
+    if rewrite_format not in REWRITE_INSTRUCTIONS:
+        raise ValueError(f"rewrite format {rewrite_format!r} is not one of {tuple(REWRITE_INSTRUCTIONS)}")
+    return f"Query: {_one_line(query)}\n{REWRITE_INSTRUCTIONS[rewrite_format]}"
+
+
+def tag_user_text(query: str, rewrite: str) -> str:
+    return f"Query: {_one_line(query)}\nRewrite: {_one_line(rewrite)}\n{TAG_INSTRUCTION}"
+
+
+def _chat_ids(tokenizer: Any, user_texts: list[str], system: str) -> list[list[int]]:
+    _check_chat_template(tokenizer)
+    if not user_texts:
+        return []
+    conversations = [[{"role": "system", "content": system}, {"role": "user", "content": text}]
+                     for text in user_texts]
+    texts = tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=True)
+    return _tokenize(tokenizer, list(texts), "chat")
+
+
+def rewrite_prompts(tokenizer: Any, queries: Sequence[str], *, style: str = "plain",
+                    rewrite_format: str = "boolean") -> list[str] | list[list[int]]:
+    """Rewrite-generation prompts, as `batching.encode_prompts` takes them (text for "plain", ids for "chat")."""
+    _check_options(style, "cot")
+    if style == "plain":
+        return [cot.rewrite_prompt(query) for query in queries]
+    return _chat_ids(tokenizer, [rewrite_user_text(query, rewrite_format) for query in queries], REWRITE_SYSTEM)
+
+
+def tag_prompts(tokenizer: Any, queries: Sequence[str], rewrites: Sequence[str], *,
+                style: str = "plain") -> list[str] | list[list[int]]:
+    """Query-rewrite tagging prompts, as `rewrite_prompts`."""
+    _check_options(style, "cot")
+    if len(queries) != len(rewrites):
+        raise ValueError(f"{len(queries)} queries but {len(rewrites)} rewrites")
+    if style == "plain":
+        return [cot.tag_prompt(query, rewrite) for query, rewrite in zip(queries, rewrites)]
+    return _chat_ids(tokenizer, [tag_user_text(q, r) for q, r in zip(queries, rewrites)], REWRITE_SYSTEM)
+
+
+def rewrite_response(rewrite: str, style: str = "plain") -> str:
+    """The SFT response for a rewrite in `style` (EOS is added by the encoder)."""
+    _check_options(style, "cot")
+    return rewrite if style == "plain" else rewrite_data.answer_text(rewrite)
+
+
+def read_rewrite(text: str, style: str = "plain") -> str | None:
+    """The rewrite a response gives: the text itself ("plain"), or its answer's query ("chat"; None when the
+    response has no readable answer, a format failure)."""
+    return text if style == "plain" else rewrite_data.answer_query(text)

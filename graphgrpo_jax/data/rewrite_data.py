@@ -135,11 +135,17 @@ def check_format(rewrite_format: str) -> None:
 class RewriteQuery:
     """One real query as the rewrite stages see it."""
 
-    query: str
+    text: str
     target_ids: tuple[str, ...]  # its Exact products (distinct, file order)
     split: str  # "train" | "val" | "test"
     data_source: str = ""
     teacher: TeacherRewrite | None = None
+
+    @property
+    def purchased_product_ids(self) -> tuple[str, ...]:
+        """What the conversion reward `r_conv` reads as the query's purchases: its Exact products here (ESCI
+        has no purchases; Exact products stand in for them)."""
+        return self.target_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,7 +224,7 @@ class _QueryReader:
                                                  f"row's query {short(query)!r}")
             if teacher is None:
                 self.teacherless[why] += 1
-        self.queries.append(RewriteQuery(query=query, target_ids=tuple(dict.fromkeys(_fold(t) for t in targets)),
+        self.queries.append(RewriteQuery(text=query, target_ids=tuple(dict.fromkeys(_fold(t) for t in targets)),
                                          split=self.split, data_source=source, teacher=teacher))
 
     def result(self) -> RewriteData:
@@ -256,15 +262,15 @@ def read_splits(train_path: str | os.PathLike, val_path: str | os.PathLike, test
                 skip_bad_rows: bool = False) -> RewriteSplits:
     """The three query files as splits, with no test query in train or val (see the module docstring)."""
     test = read_queries(test_path, split="test", skip_bad_rows=skip_bad_rows)
-    test_queries = {q.query for q in test.queries}
+    test_queries = {q.text for q in test.queries}
     train_path = pathlib.Path(train_path)
     train = read_queries(train_path, split="train", skip_bad_rows=skip_bad_rows)
     for row, query in enumerate(train.queries, start=1):
-        if query.query in test_queries:
-            raise ValueError(f"{train_path}: query {query.query!r} (row {row} of those read) is also a test query "
+        if query.text in test_queries:
+            raise ValueError(f"{train_path}: query {query.text!r} (row {row} of those read) is also a test query "
                              f"of {test_path}; training on it would leak the test split")
     val = read_queries(val_path, split="val", skip_bad_rows=skip_bad_rows)
-    kept = tuple(q for q in val.queries if q.query not in test_queries)
+    kept = tuple(q for q in val.queries if q.text not in test_queries)
     return RewriteSplits(train=train, val=dataclasses.replace(val, queries=kept), test=test,
                          val_rows_of_test_queries=len(val.queries) - len(kept))
 
@@ -283,7 +289,7 @@ class ProductPool:
 
     def targets(self, query: RewriteQuery | None = None, query_text: str | None = None) -> tuple[str, ...]:
         """The Exact products of a query held in the pool: its judged Exact products, then its `target_ids`."""
-        text = query.query if query is not None else query_text
+        text = query.text if query is not None else query_text
         judged = [pid for pid, grade in self.judgements.get(text, {}).items() if grade == 3]
         listed = [pid for pid in (query.target_ids if query is not None else ()) if pid in self.ids]
         return tuple(dict.fromkeys(judged + listed))
@@ -325,14 +331,60 @@ def pool_queries(pool: ProductPool, files: Iterable[RewriteData]) -> list[Rewrit
     for data in files:
         for query in data.queries:
             targets = pool.targets(query)
-            known = merged.get(query.query)
+            known = merged.get(query.text)
             if targets and known is None:
-                merged[query.query] = dataclasses.replace(query, target_ids=targets)
+                merged[query.text] = dataclasses.replace(query, target_ids=targets)
             elif targets:
-                merged[query.query] = dataclasses.replace(
+                merged[query.text] = dataclasses.replace(
                     known, target_ids=tuple(dict.fromkeys(known.target_ids + targets)))
     for text in pool.judgements:
         targets = pool.targets(query_text=text)
         if targets and text not in merged:
-            merged[text] = RewriteQuery(query=text, target_ids=targets, split="pool")
+            merged[text] = RewriteQuery(text=text, target_ids=targets, split="pool")
     return list(merged.values())
+
+
+def and_clauses(boolean_query: str) -> list[str]:
+    """The top-level `AND` clauses of a Boolean query (outside parentheses and quotes), stripped; one clause
+    for a query without a top-level `AND`."""
+    clauses, depth, quote, start = [], 0, "", 0
+    for position, char in enumerate(boolean_query):
+        if quote:
+            quote = "" if char == quote else quote
+        elif char == '"':
+            quote = char
+        elif char in "()":
+            depth += 1 if char == "(" else -1
+        elif depth == 0 and boolean_query.startswith(" AND ", position):
+            clauses.append(boolean_query[start:position].strip())
+            start = position + len(" AND ")
+    return [clause for clause in clauses + [boolean_query[start:].strip()] if clause]
+
+
+def constructed_tags(queries: Sequence[RewriteQuery], rewrite_format: str, *, seed: int) -> list[tuple[str, str, str]]:
+    """(query, rewrite, tag) rows for the tagging task of multi-task SFT, built from teacher rewrites (there are
+    no human judgements of rewrites): per query with a teacher rewrite,
+
+    * `relevant`: its own teacher rewrite;
+    * `partial`: that rewrite without its last top-level `AND` clause (a required constraint dropped: it
+      retrieves part of what the query asks for), where it has two clauses or more;
+    * `irrelevant`: the teacher rewrite of another query (a seeded derangement of the queries).
+
+    These are labels by construction, not judgements: the judge they train tells a query's own rewrite from
+    a weakened one and from another query's.
+    """
+    check_format(rewrite_format)
+    taught = [q for q in queries if q.teacher is not None]
+    if len(taught) < 2:
+        raise ValueError(f"constructed tags need two queries with teacher rewrites or more, got {len(taught)}")
+    order = sorted(range(len(taught)), key=lambda i: hashlib.sha256(f"{seed}:{i}".encode()).digest())
+    other = {order[i]: order[(i + 1) % len(order)] for i in range(len(order))}  # a cycle: nobody maps to itself
+    rows = []
+    for index, query in enumerate(taught):
+        rows.append((query.text, query.teacher.target(rewrite_format), "relevant"))
+        clauses = and_clauses(query.teacher.rewrite)
+        if len(clauses) > 1:
+            weakened = TeacherRewrite(think="", rewrite=" AND ".join(clauses[:-1]))
+            rows.append((query.text, weakened.target(rewrite_format), "partial"))
+        rows.append((query.text, taught[other[index]].teacher.target(rewrite_format), "irrelevant"))
+    return rows

@@ -27,10 +27,11 @@ import numpy as np
 
 from graphgrpo_jax import sampling
 from graphgrpo_jax.metrics import report_text
-from graphgrpo_jax.data import batching, cot, world as world_lib
+from graphgrpo_jax.data import batching, cot, prompts, rewrite_data, world as world_lib
 from graphgrpo_jax.models import decoder
 from graphgrpo_jax.rl import rollout
-from graphgrpo_jax.search.engine import Retriever, recall_at_k
+from graphgrpo_jax.search.engine import Retriever, ndcg_at_k, recall_at_k
+
 
 def rewrite_metrics(world: world_lib.World, engine: Retriever, queries: Sequence[world_lib.Query],
                     rewrites: Sequence[str], k: int) -> dict[str, Any]:
@@ -95,22 +96,68 @@ def score_judge_metrics(judge: Callable[[Sequence[str], Sequence[str]], np.ndarr
 
 def generate_rewrites(params: decoder.Params, model_config: decoder.DecoderConfig, tokenizer: Any,
                       queries: Sequence[str], *, max_prompt_len: int, max_new_tokens: int,
-                      batch_size: int) -> list[str]:
-    """The policy's greedy rewrite of each query (the text before EOS; a truncated one as it stands).
+                      batch_size: int, prompt_style: str = "plain",
+                      rewrite_format: str = "boolean") -> list[str | None]:
+    """The policy's greedy rewrite of each query (the text before EOS; a truncated one as it stands), read by
+    the prompt style (`prompts.read_rewrite`: None where a "chat" response has no readable answer).
 
     Queries run in chunks of `batch_size`, the last one padded, so the sampler compiles once.
     """
     pieces = rollout.TokenPieces(tokenizer)
-    prompts = [cot.rewrite_prompt(query) for query in queries]
-    rewrites: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
+    prompt_rows = prompts.rewrite_prompts(tokenizer, queries, style=prompt_style, rewrite_format=rewrite_format)
+    rewrites: list[str | None] = []
+    for start in range(0, len(prompt_rows), batch_size):
+        chunk = prompt_rows[start:start + batch_size]
         padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
-        encoded = batching.encode_prompts(tokenizer, padded, max_prompt_len, truncate_prompts=True)
+        encoded = batching.encode_prompts(tokenizer, padded, max_prompt_len, truncate_prompts=prompt_style == "plain")
         out = jax.device_get(sampling.generate(
             params, model_config, jnp.asarray(encoded["tokens"]), jnp.asarray(encoded["attention_mask"], bool),
             jax.random.PRNGKey(0), max_new_tokens=max_new_tokens, eos_ids=tokenizer.eos_token_id,
             pad_id=tokenizer.pad_token_id, sampling=sampling.GREEDY))
         texts, _ = rollout.decode_completions(pieces, out.tokens, out.lengths, out.truncated)
-        rewrites += texts[:len(chunk)]
+        rewrites += [prompts.read_rewrite(text, prompt_style) for text in texts[:len(chunk)]]
     return rewrites
+
+
+def real_rewrite_metrics(pool: rewrite_data.ProductPool, engine: Retriever, queries: Sequence[rewrite_data.RewriteQuery],
+                         rewrites: Sequence[str | None], k: int) -> dict[str, Any]:
+    """recall@k, NDCG@k and judged relevance@k of `rewrites[i]` standing in for real `queries[i]` in the pool.
+
+    * recall@k: of the query's Exact products in the pool (`target_ids`);
+    * NDCG@k: graded gains, the human ESCI grade (Exact 3, Substitute 2, Complement 1, Irrelevant 0) where the
+      pair is judged, 3 for a target known only from the query file;
+    * relevance@k: the mean human grade / 3 of the *judged* products among the top k (an empty or unjudged
+      slot is left out, so the figure is over `judged_share` of the k slots; there is no grader for the rest).
+
+    A None rewrite (a format failure) retrieves nothing; `format_failure_rate` counts them.
+    """
+    if len(queries) != len(rewrites):
+        raise ValueError(f"{len(queries)} queries but {len(rewrites)} rewrites")
+    if not queries:
+        raise ValueError("no queries to evaluate")
+    hits = engine.search_batch([rewrite or "" for rewrite in rewrites], k)
+    recalls, ndcgs, relevances, judged = [], [], [], []
+    for query, query_hits in zip(queries, hits):
+        retrieved = [product_id for product_id, _ in query_hits][:k]
+        grades = pool.judgements.get(query.text, {})
+        gains = {**{pid: 3.0 for pid in query.target_ids}, **{pid: float(g) for pid, g in grades.items()}}
+        recalls.append(recall_at_k(retrieved, query.target_ids, k))
+        ndcgs.append(ndcg_at_k(retrieved, gains, k))
+        judged_grades = [grades[pid] for pid in retrieved if pid in grades]
+        judged.append(len(judged_grades) / k)
+        if judged_grades:
+            relevances.append(np.mean(judged_grades) / 3.0)
+    return {
+        "num_examples": len(queries),
+        "k": k,
+        "recall": float(np.mean(recalls)),
+        "ndcg": float(np.mean(ndcgs)),
+        "relevance_judged": float(np.mean(relevances)) if relevances else float("nan"),
+        "judged_share": float(np.mean(judged)),
+        "format_failure_rate": float(np.mean([rewrite is None for rewrite in rewrites])),
+        # Per query, for intervals over queries and paired differences between arms (experiments/rewrite_esci_results.py).
+        "per_query": {"query": [report_text(q.text) for q in queries], "recall": [float(r) for r in recalls],
+                      "ndcg": [float(n) for n in ndcgs]},
+        "examples": [{"query": report_text(q.text), "rewrite": report_text(r) if r is not None else None}
+                     for q, r in list(zip(queries, rewrites))[:5]],
+    }

@@ -19,9 +19,10 @@ GRPO, `credit.variant = "outcome"`). The reward fuses three signals (`rewards.re
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -30,7 +31,8 @@ import ml_collections
 import numpy as np
 
 from graphgrpo_jax import artifacts
-from graphgrpo_jax.data import batching, cot, esci, prepare, world as world_lib
+from graphgrpo_jax.data import batching, cot, esci, prepare, rewrite_data, world as world_lib
+from graphgrpo_jax.data import prompts as prompts_lib
 from graphgrpo_jax.models import decoder, encoder
 from graphgrpo_jax.rl import rewards as rewards_lib
 from graphgrpo_jax.rl.rollout import Scored
@@ -70,7 +72,8 @@ class TagJudge:
     """
 
     def __init__(self, params: decoder.Params, model_config: decoder.DecoderConfig, tokenizer: Any, *,
-                 max_prompt_len: int, batch_size: int, tags: Sequence[str] = cot.REWRITE_TAGS):
+                 max_prompt_len: int, batch_size: int, tags: Sequence[str] = cot.REWRITE_TAGS,
+                 prompt_style: str = "plain"):
         if batch_size < 1:
             raise ValueError(f"judge batch_size must be >= 1, got {batch_size}")
         self.params = jax.tree_util.tree_map(jnp.copy, params)
@@ -78,6 +81,7 @@ class TagJudge:
         self.tokenizer = tokenizer
         self.max_prompt_len = max_prompt_len
         self.batch_size = batch_size
+        self.prompt_style = prompt_style
         eos = tokenizer.eos_token_id
         responses = [tokenizer(tag, add_special_tokens=False)["input_ids"] + [eos] for tag in tags]
         width = max(len(ids) for ids in responses)
@@ -91,7 +95,7 @@ class TagJudge:
         """`[M, K]` log p(tag<eos> | tag prompt), unnormalised over tags."""
         if len(queries) != len(rewrites):
             raise ValueError(f"{len(queries)} queries but {len(rewrites)} rewrites")
-        prompts = [cot.tag_prompt(query, rewrite) for query, rewrite in zip(queries, rewrites)]
+        prompts = prompts_lib.tag_prompts(self.tokenizer, queries, rewrites, style=self.prompt_style)
         scores = []
         for start in range(0, len(prompts), self.batch_size):
             chunk = prompts[start:start + self.batch_size]
@@ -174,22 +178,37 @@ def rule_grader(world, queries: Sequence[Any] | None = None) -> Grader:
     return grade
 
 
-def student_grader(params, encoder_config, tokenizer, world, *, max_length: int, batch_size: int) -> Grader:
+def student_grader(params, encoder_config, tokenizer, titles: Mapping[str, str], *, max_length: int,
+                   batch_size: int) -> Grader:
     """`grade(queries, product_ids)`: the expected grade under the relevance student's label head (the
-    cross-encoder of paper A's distillation), on (query, product title) pairs."""
+    cross-encoder of paper A's distillation), on (query, product title) pairs; `titles`: product id -> title."""
     grades = np.array([world_lib.RELEVANCE_GRADES[label] for label in cot.LABELS], np.float64)
 
     def grade(queries: Sequence[str], product_ids: Sequence[str]) -> np.ndarray:
-        titles = [world.product_by_id[p].title for p in product_ids]
-        probs = encoder.head_probabilities(params, encoder_config, tokenizer, list(queries), titles,
-                                                   max_length=max_length, batch_size=batch_size)
+        probs = encoder.head_probabilities(params, encoder_config, tokenizer, list(queries),
+                                           [titles[p] for p in product_ids],
+                                           max_length=max_length, batch_size=batch_size)
         return probs[cot.LABEL_NODE].astype(np.float64) @ grades
 
     return grade
 
 
 JUDGES = ("tagger", "rule", "student", "retrieval_rule")
+WORLD_ONLY_JUDGES = ("rule", "retrieval_rule")  # oracles that read the synthetic world's gold intents
 RL_QUERIES = ("all", "unlabelled")  # `rewrite.rl_queries`: the queries GRPO trains on
+
+
+def source(config: ml_collections.ConfigDict) -> str:
+    """Where the rewrite task's queries come from: "world" (synthetic) or "esci" (real, `config.rewrite_data`)."""
+    return config.data.get("source", "world")
+
+
+def prompt_style(config: ml_collections.ConfigDict) -> str:
+    return config.data.get("prompt_style", "plain")
+
+
+def rewrite_format(config: ml_collections.ConfigDict) -> str:
+    return config.rewrite_data.rewrite_format if source(config) == "esci" else "plain"
 
 
 def tag_judge(config: ml_collections.ConfigDict, workdir: str, params: decoder.Params) -> TagJudge:
@@ -197,13 +216,23 @@ def tag_judge(config: ml_collections.ConfigDict, workdir: str, params: decoder.P
     judge of RL, and the one `rewrite_eval` scores."""
     return TagJudge(params, decoder.DecoderConfig.from_config(config.model), artifacts.load_tokenizer(config, workdir),
                     max_prompt_len=config.data.max_prompt_len + config.data.max_response_len,
-                    batch_size=config.rewrite.judge_batch_size)
+                    batch_size=config.rewrite.judge_batch_size, prompt_style=prompt_style(config))
+
+
+def product_titles(config: ml_collections.ConfigDict) -> dict[str, str]:
+    """Product id -> title of the catalogue the index holds: the world's products or the real pool."""
+    if source(config) == "esci":
+        return {product["id"]: product["title"] for product in real_data(config).pool.products}
+    return {product.product_id: product.title for product in prepare.load_world(config).products}
 
 
 def make_judge(config: ml_collections.ConfigDict, world, workdir: str, engine: Retriever,
                load_sft_params: Callable[[], decoder.Params]) -> rewards_lib.Judge:
     """The r_rel judge `config.rewrite.judge` names; the tagger reads the SFT policy from `load_sft_params()`."""
     cfg = config.rewrite
+    if cfg.judge in WORLD_ONLY_JUDGES and world is None:
+        raise ValueError(f"config.rewrite.judge = {cfg.judge!r} is an oracle of the synthetic world's gold intents; "
+                         f"with config.data.source = {source(config)!r} choose 'tagger' or 'student'")
     if cfg.judge == "tagger":
         return tag_judge(config, workdir, load_sft_params())
     if cfg.judge == "rule":
@@ -212,8 +241,8 @@ def make_judge(config: ml_collections.ConfigDict, world, workdir: str, engine: R
         return RetrievalJudge(engine, cfg.k, rule_grader(world))
     student = artifacts.student_params(config, cfg.student_workdir or workdir)
     return RetrievalJudge(engine, cfg.k, student_grader(
-        student, artifacts.student_config(), encoder.load_pair_tokenizer(encoder.minilm_folder()), world,
-        max_length=config.distill.max_length, batch_size=cfg.judge_batch_size))
+        student, artifacts.student_config(), encoder.load_pair_tokenizer(encoder.minilm_folder()),
+        product_titles(config), max_length=config.distill.max_length, batch_size=cfg.judge_batch_size))
 
 
 def is_labelled(query_id: str, labelled_fraction: float) -> bool:
@@ -225,8 +254,85 @@ def is_labelled(query_id: str, labelled_fraction: float) -> bool:
     return esci.query_split(query_id, 1.0 - labelled_fraction) == "train"
 
 
+# ------------------------------------------------------------------------------------------ real data
+
+
+@dataclasses.dataclass(frozen=True)
+class RealData:
+    """The real rewrite data of `config.rewrite_data`: the query files' splits, the product pool, and the pool
+    queries (those with an Exact product in the pool) split into "rl" (GRPO trains on them; every query of the
+    training file is here) and "test" (never trained on: not in the training file, no teacher row used)."""
+
+    splits: rewrite_data.RewriteSplits
+    pool: rewrite_data.ProductPool
+    pool_queries: dict[str, tuple[rewrite_data.RewriteQuery, ...]]  # "rl" | "test" -> queries
+    teacher_rewrites: dict[str, str]  # query -> teacher's Boolean rewrite, for the eval's teacher arm only
+
+
+@functools.cache
+def _real_data(train: str, val: str, test: str, pool_paths: tuple[str, ...], skip_bad_rows: bool, seed: int,
+               rl_fraction: float) -> RealData:
+    splits = rewrite_data.read_splits(train, val, test, skip_bad_rows=skip_bad_rows)
+    pool = rewrite_data.read_pool(pool_paths)
+    queries = rewrite_data.pool_queries(pool, [splits.train, splits.val, splits.test])
+    split_of = {q.text: "rl" if q.split == "train" else rewrite_data.pool_split(q.text, seed=seed, rl_fraction=rl_fraction)
+                for q in queries}
+    # The val file's teacher rows of test queries are dropped from every split; the eval reads them as the
+    # teacher arm (the ceiling a copy of the teacher reaches), and nothing trains on them.
+    every_val_row = rewrite_data.read_queries(val, split="val", skip_bad_rows=skip_bad_rows).queries
+    teacher = {q.text: q.teacher.rewrite for q in (*splits.train.queries, *every_val_row) if q.teacher}
+    return RealData(splits, pool, {name: tuple(q for q in queries if split_of[q.text] == name)
+                                   for name in rewrite_data.POOL_SPLITS}, teacher)
+
+
+def real_data(config: ml_collections.ConfigDict) -> RealData:
+    """`config.rewrite_data`'s files read (once per process) and split."""
+    cfg = config.rewrite_data
+    return _real_data(cfg.train_path, cfg.val_path, cfg.test_path, tuple(cfg.pool_paths), cfg.skip_bad_rows,
+                      cfg.pool_seed, cfg.pool_rl_fraction)
+
+
+def real_sft_examples(config: ml_collections.ConfigDict, tokenizer: Any,
+                      labelled_fraction: float = 1.0) -> dict[str, tuple[list, list[str]]]:
+    """(prompts, responses) of each SFT task from the training file's teacher rewrites (never val or test):
+    rewrite generation to the teacher's rewrite in `config.rewrite_data.rewrite_format`, and tagging of the
+    constructed (query, rewrite, tag) rows (`rewrite_data.constructed_tags`). With `labelled_fraction` < 1,
+    only the queries `is_labelled` keeps.
+
+    A rewrite whose response (and EOS) runs over `config.data.max_response_len` tokens is one the policy could
+    not write: its rewrite row and the tag rows that show it are dropped, and the drop is logged (the ESCI
+    teacher's Boolean answers run 42 SmolLM2 tokens at the median, 82 at p95; their plain forms 23 and 34).
+    """
+    style, fmt, limit = prompt_style(config), rewrite_format(config), config.data.max_response_len
+    train = [q for q in real_data(config).splits.train.queries
+             if q.teacher is not None and is_labelled(q.text, labelled_fraction)]
+    tags = rewrite_data.constructed_tags(train, fmt, seed=config.seed)
+    responses = sorted({prompts_lib.rewrite_response(rewrite, style) for _, rewrite, _ in tags})
+    lengths = [len(ids) + 1 for ids in tokenizer(responses, add_special_tokens=False)["input_ids"]]
+    fits = {response for response, length in zip(responses, lengths) if length <= limit}
+    kept = [q for q in train if prompts_lib.rewrite_response(q.teacher.target(fmt), style) in fits]
+    kept_tags = [row for row in tags if prompts_lib.rewrite_response(row[1], style) in fits]
+    if len(kept) < len(train):
+        logging.warning("rewrite SFT: dropped %d of %d teacher rewrites (and %d of %d tag rows) longer than "
+                        "config.data.max_response_len = %d tokens (longest %d)", len(train) - len(kept), len(train),
+                        len(tags) - len(kept_tags), len(tags), limit, max(lengths))
+    return {
+        "rewrite": (prompts_lib.rewrite_prompts(tokenizer, [q.text for q in kept], style=style, rewrite_format=fmt),
+                    [prompts_lib.rewrite_response(q.teacher.target(fmt), style) for q in kept]),
+        "tag": (prompts_lib.tag_prompts(tokenizer, [q for q, _, _ in kept_tags], [r for _, r, _ in kept_tags],
+                                        style=style),
+                [tag for _, _, tag in kept_tags]),
+    }
+
+
 class RewriteTask:
     """Rewrite the training queries; reward = the configured fusion of r_rule, r_rel and r_conv.
+
+    `queries` are the RL queries: anything with `text` and `purchased_product_ids` (the world's queries, or
+    real `rewrite_data.RewriteQuery`s, whose Exact products stand in for purchases). A completion is read as
+    a rewrite by the prompt style (`prompts.read_rewrite`): in "chat" style one without a readable
+    `<answer>` is a format failure, scored as the empty rewrite (r_rule 0, nothing retrieved) and counted.
+    `keeps_intent(query, rewrite)`, where the source knows intents (the world), gives `rl/accuracy`.
 
     Rewards that do not apply (NaN, e.g. `r_conv` of a query nobody bought from, under a fusion that
     reads nothing else) become 0: every rollout of a group shares its query, so the whole group gets
@@ -235,43 +341,62 @@ class RewriteTask:
 
     name = "rewrite"
 
-    def __init__(self, config: ml_collections.ConfigDict, world, *, engine: Retriever,
-                 judge: rewards_lib.Judge | None):
+    def __init__(self, config: ml_collections.ConfigDict, queries: Sequence[Any], *, engine: Retriever,
+                 judge: rewards_lib.Judge | None, keeps_intent: Callable[[Any, str], bool] | None = None):
         self.cfg = config.rewrite
         if self.cfg.fusion not in rewards_lib.FUSION_MODES:
             raise ValueError(f"config.rewrite.fusion = {self.cfg.fusion!r}: choose one of "
                              f"{rewards_lib.FUSION_MODES}")
-        self.world = world
-        self.queries = world.split_queries("train")
-        if self.cfg.rl_queries == "unlabelled":
-            fraction = config.rewrite_sft.labelled_fraction
-            self.queries = [q for q in self.queries if not is_labelled(q.query_id, fraction)]
-        elif self.cfg.rl_queries != "all":
-            raise ValueError(f"config.rewrite.rl_queries = {self.cfg.rl_queries!r}: choose one of {RL_QUERIES}")
+        self.queries = list(queries)
         if not self.queries:
-            raise ValueError("no training queries left for RL: config.rewrite_sft.labelled_fraction = 1 labels "
-                             "them all; lower it or set config.rewrite.rl_queries = 'all'")
+            raise ValueError("no queries for RL")
+        self.style, self.format = prompt_style(config), rewrite_format(config)
         self.engine = engine
         self.judge = judge
+        self.keeps_intent = keeps_intent
+
+    @classmethod
+    def for_world(cls, config: ml_collections.ConfigDict, world, *, engine: Retriever,
+                  judge: rewards_lib.Judge | None) -> RewriteTask:
+        """The world's training queries (all, or with `rl_queries = "unlabelled"` those without teacher rewrites)."""
+        queries = world.split_queries("train")
+        if config.rewrite.rl_queries == "unlabelled":
+            fraction = config.rewrite_sft.labelled_fraction
+            queries = [q for q in queries if not is_labelled(q.query_id, fraction)]
+        elif config.rewrite.rl_queries != "all":
+            raise ValueError(f"config.rewrite.rl_queries = {config.rewrite.rl_queries!r}: choose one of {RL_QUERIES}")
+        if not queries:
+            raise ValueError("no training queries left for RL: config.rewrite_sft.labelled_fraction = 1 labels "
+                             "them all; lower it or set config.rewrite.rl_queries = 'all'")
+        return cls(config, queries, engine=engine, judge=judge,
+                   keeps_intent=lambda query, rewrite: world.read_intent(rewrite) == (query.subject, query.attributes))
 
     @classmethod
     def from_workdir(cls, config: ml_collections.ConfigDict, world, workdir: str, *,
                      load_sft_params: Callable[[], decoder.Params]) -> RewriteTask:
         """The task over the `index` stage's search index, with the judge of `config.rewrite.judge` when the
-        fusion reads `r_rel`. `load_sft_params()` restores the SFT policy, called only for the tagging judge."""
+        fusion reads `r_rel`. `world` is the synthetic world, or None for real data (`config.data.source`).
+        `load_sft_params()` restores the SFT policy, called only for the tagging judge."""
         cfg = config.rewrite
         if cfg.judge not in JUDGES:
             raise ValueError(f"config.rewrite.judge = {cfg.judge!r}: choose one of {JUDGES}")
         engine = SearchEngine.open(artifacts.index_dir(workdir))
         reads_rel = "rel" in rewards_lib.FUSION_INPUTS[cfg.fusion]
         judge = make_judge(config, world, workdir, engine, load_sft_params) if reads_rel else None
-        return cls(config, world, engine=engine, judge=judge)
+        if world is not None:
+            return cls.for_world(config, world, engine=engine, judge=judge)
+        if cfg.rl_queries != "all":
+            raise ValueError(f"config.rewrite.rl_queries = {cfg.rl_queries!r} splits the synthetic world's queries; "
+                             "real data trains GRPO on its pool queries: set it to 'all'")
+        return cls(config, real_data(config).pool_queries["rl"], engine=engine, judge=judge)
 
-    def prompts(self) -> list[str]:
-        return [cot.rewrite_prompt(query.text) for query in self.queries]
+    def prompts(self, tokenizer: Any = None) -> list:
+        """The RL prompts (text in "plain" style, token ids in "chat" style, which needs the tokenizer)."""
+        return prompts_lib.rewrite_prompts(tokenizer, [query.text for query in self.queries], style=self.style,
+                                           rewrite_format=self.format)
 
     def encode_prompts(self, tokenizer: Any, max_prompt_len: int) -> dict[str, np.ndarray]:
-        return batching.encode_prompts(tokenizer, self.prompts(), max_prompt_len)
+        return batching.encode_prompts(tokenizer, self.prompts(tokenizer), max_prompt_len)
 
     def contexts(self, rows: np.ndarray) -> list[dict[str, Any]]:
         """What the rewards read of each rollout's query."""
@@ -281,24 +406,28 @@ class RewriteTask:
     def score(self, rows: np.ndarray, texts: list[str], offsets: list[np.ndarray]) -> Scored:
         cfg = self.cfg
         contexts = self.contexts(rows)
+        read = [prompts_lib.read_rewrite(text, self.style) for text in texts]
+        rewrites = [rewrite if rewrite is not None else "" for rewrite in read]  # a format failure: the empty rewrite
         parts = rewards_lib.rewrite_reward_components(
-            texts, contexts, mode=cfg.fusion, engine=self.engine, judge=self.judge, w_rel=cfg.w_rel,
+            rewrites, contexts, mode=cfg.fusion, engine=self.engine, judge=self.judge, w_rel=cfg.w_rel,
             w_conv=cfg.w_conv, k=cfg.k, metric=cfg.conv_metric, **cfg.rule)
         fused = parts["fused"]
         rule = parts["r_rule"]
         if np.isnan(rule).all():  # the fusion does not read r_rule; the logs still do
-            rule = rewards_lib.r_rule(texts, contexts, engine=self.engine, **cfg.rule)
-        intents = [self.world.read_intent(text) for text in texts]
-        kept = [intent == (self.queries[r].subject, self.queries[r].attributes) for intent, r in zip(intents, rows)]
+            rule = rewards_lib.r_rule(rewrites, contexts, engine=self.engine, **cfg.rule)
         metrics = {f"rl/reward_{name}": float(np.nanmean(parts[f"r_{name}"]))
                    for name in ("rel", "conv") if not np.isnan(parts[f"r_{name}"]).all()}
         metrics.update({
             "rl/reward_rule": float(rule.mean()),
             "rl/rule_failure_rate": float(np.mean(rule == 0.0)),
             "rl/reward_not_applicable": float(np.mean(np.isnan(fused))),
-            "rl/accuracy": float(np.mean(kept)),
-            "rl/rewrite_words": float(np.mean([len(rewards_lib.rewrite_words(text)) for text in texts])),
+            "rl/rewrite_words": float(np.mean([len(rewards_lib.rewrite_words(text)) for text in rewrites])),
         })
+        if self.style != "plain":  # a plain response is the rewrite itself: it cannot fail to parse
+            metrics["rl/format_failure_rate"] = float(np.mean([rewrite is None for rewrite in read]))
+        if self.keeps_intent is not None:
+            metrics["rl/accuracy"] = float(np.mean([self.keeps_intent(self.queries[r], rewrite)
+                                                    for r, rewrite in zip(rows, rewrites)]))
         return Scored(
             rewards=np.nan_to_num(fused, nan=0.0).astype(np.float32),
             node_values=np.full((len(texts), 1), -1, np.int32),
@@ -348,18 +477,22 @@ def sft_data(config: ml_collections.ConfigDict, workdir: str, tokenizer: Any) ->
     generation (`query: … rewrite:` → the gold rewrite) and query-rewrite relevance tagging (`query: …
     rewrite: … tag:` → relevant | partial | irrelevant). Each batch mixes them by `config.rewrite_sft.task_mix`
     (1:1 by default; a zero weight gives single-task SFT). Rewrites have no CoT nodes, so nothing is masked.
-    The policy is saved as stage `sft`, where the `rl` stage and its judge look for it."""
+    On real data (`config.data.source = "esci"`) the rows are `real_sft_examples`, in the prompt style of
+    `config.data.prompt_style`. The policy is saved as stage `sft`, where the `rl` stage and its judge look
+    for it."""
     del workdir
     cfg = config.rewrite_sft
-    world = prepare.load_world(config)
     counts = task_counts(cfg.task_mix, config.optim.batch_size)
-    examples = sft_examples(world, "train", cfg.labelled_fraction, cfg.tagged_fraction)
+    if source(config) == "esci":
+        examples = real_sft_examples(config, tokenizer, cfg.labelled_fraction)
+    else:
+        examples = sft_examples(prepare.load_world(config), "train", cfg.labelled_fraction, cfg.tagged_fraction)
     encoded = {task: batching.encode_sft(tokenizer, *examples[task], config.data.max_prompt_len,
                                          config.data.max_response_len, nodes=())
                for task in SFT_TASKS if counts[task]}
     for task, arrays in encoded.items():
         if not len(arrays["tokens"]):
-            raise ValueError(f"config.rewrite_sft.task_mix gives task {task!r} weight but the world has "
+            raise ValueError(f"config.rewrite_sft.task_mix gives task {task!r} weight but the data has "
                              f"no {task} examples in its train split")
     logging.info("rewrite SFT: %s rows per batch from %s examples", counts,
                  {task: len(arrays["tokens"]) for task, arrays in encoded.items()})
@@ -384,7 +517,8 @@ def sft_data(config: ml_collections.ConfigDict, workdir: str, tokenizer: Any) ->
 def rl_task(config: ml_collections.ConfigDict, workdir: str, spec) -> RewriteTask:
     """The task over the `index` stage's index; the tagging judge is a frozen copy of the SFT policy."""
     del spec  # a rewrite is a one-node graph: every token gets the rollout's advantage
-    return RewriteTask.from_workdir(config, prepare.load_world(config), workdir,
+    world = prepare.load_world(config) if source(config) == "world" else None
+    return RewriteTask.from_workdir(config, world, workdir,
                                     load_sft_params=lambda: artifacts.policy_params(config, workdir))
 
 

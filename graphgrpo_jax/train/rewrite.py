@@ -20,7 +20,7 @@ import ml_collections
 from absl import logging
 
 from graphgrpo_jax import artifacts
-from graphgrpo_jax.data import prepare
+from graphgrpo_jax.data import prepare, rewrite_data
 from graphgrpo_jax.eval import rewrite as rewrite_eval
 from graphgrpo_jax.models import decoder
 from graphgrpo_jax.tasks import rewrite as rewrite_task
@@ -30,17 +30,25 @@ from graphgrpo_jax.search.engine import MANIFEST, SearchEngine
 # ------------------------------------------------------------------------------------------- index
 
 
+def catalogue(config: ml_collections.ConfigDict) -> tuple[list[dict[str, str]], tuple[str, ...]]:
+    """(products, extra text fields) the index holds: the world's titles, or the real pool's titles with their
+    brand, colour and bullets (`rewrite_data.POOL_FIELDS`)."""
+    if rewrite_task.source(config) == "esci":
+        return list(rewrite_task.real_data(config).pool.products), rewrite_data.POOL_FIELDS
+    return [{"id": p.product_id, "title": p.title} for p in prepare.load_world(config).products], ()
+
+
 def build_index(config: ml_collections.ConfigDict, workdir: str) -> SearchEngine:
     """The `index` stage: the catalogue's search index, reused when an earlier run built it."""
-    world = prepare.load_world(config)
+    products, extra_fields = catalogue(config)
     directory = artifacts.index_dir(workdir)
     if os.path.exists(os.path.join(directory, MANIFEST)):
         engine = SearchEngine.open(directory)
-        if len(engine) != len(world.products):
-            raise ValueError(f"{directory} indexes {len(engine)} products but the world of this config has "
-                             f"{len(world.products)}: use a fresh workdir for a different world")
+        if len(engine) != len(products):
+            raise ValueError(f"{directory} indexes {len(engine)} products but the catalogue of this config has "
+                             f"{len(products)}: use a fresh workdir for a different catalogue")
         return engine
-    engine = SearchEngine.build([{"id": p.product_id, "title": p.title} for p in world.products], directory)
+    engine = SearchEngine.build(products, directory, extra_fields=extra_fields)
     logging.info("indexed %d products in %s", len(engine), directory)
     return engine
 
@@ -51,6 +59,54 @@ def build_index(config: ml_collections.ConfigDict, workdir: str) -> SearchEngine
 def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """The `rewrite_eval` stage: `{"<policy>/<split>": metrics}` for the raw query, the gold rewrite
     and each policy of `config.rewrite_eval.policies`, written to `<workdir>/rewrite_eval/metrics.json`."""
+    real = rewrite_task.source(config) == "esci"
+    results = run_real_eval(config, workdir) if real else _run_world_eval(config, workdir)
+    out_dir = os.path.join(workdir, "rewrite_eval")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    return results
+
+
+def run_real_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Real data: each pool split of `config.rewrite_eval.splits` ("test": never trained on; "rl": the queries
+    GRPO trained on) for the raw query, the teacher's rewrite where the query files hold one (its
+    `num_examples` says how many), and each policy ("base" is the checkpoint before SFT: zero-shot)."""
+    cfg = config.rewrite_eval
+    data, tokenizer = rewrite_task.real_data(config), artifacts.load_tokenizer(config, workdir)
+    engine = SearchEngine.open(artifacts.index_dir(workdir))
+    model_config = decoder.DecoderConfig.from_config(config.model)
+    queries = {split: list(data.pool_queries[split][:cfg.max_examples]) for split in cfg.splits}
+    results = {}
+    for split, split_queries in queries.items():
+        results[f"raw/{split}"] = rewrite_eval.real_rewrite_metrics(data.pool, engine, split_queries,
+                                                                    [q.text for q in split_queries], cfg.k)
+        taught = [q for q in split_queries if q.text in data.teacher_rewrites]
+        if taught:
+            results[f"teacher/{split}"] = rewrite_eval.real_rewrite_metrics(
+                data.pool, engine, taught, [data.teacher_rewrites[q.text] for q in taught], cfg.k)
+    for stage in cfg.policies:
+        params = artifacts.policy_params(config, workdir, stage)
+        for split, split_queries in queries.items():
+            rewrites = rewrite_eval.generate_rewrites(
+                params, model_config, tokenizer, [q.text for q in split_queries],
+                max_prompt_len=config.data.max_prompt_len, max_new_tokens=config.data.max_response_len,
+                batch_size=cfg.batch_size, prompt_style=rewrite_task.prompt_style(config),
+                rewrite_format=rewrite_task.rewrite_format(config))
+            results[f"{stage}/{split}"] = rewrite_eval.real_rewrite_metrics(data.pool, engine, split_queries,
+                                                                            rewrites, cfg.k)
+    results["pool"] = {"products": len(data.pool.products), "title_conflicts": len(data.pool.title_conflicts),
+                       **{f"{split}_queries": len(qs) for split, qs in data.pool_queries.items()}}
+    for name, report in results.items():
+        if name != "pool":
+            logging.info("%s (%d queries): recall@%d %.3f, NDCG@%d %.3f, judged relevance@%d %.3f (%.2f judged), "
+                         "format failures %.3f", name, report["num_examples"], cfg.k, report["recall"], cfg.k,
+                         report["ndcg"], cfg.k, report["relevance_judged"], report["judged_share"],
+                         report["format_failure_rate"])
+    return results
+
+
+def _run_world_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
     cfg = config.rewrite_eval
     world, tokenizer = prepare.load_world(config), artifacts.load_tokenizer(config, workdir)
     engine = SearchEngine.open(artifacts.index_dir(workdir))
@@ -94,8 +150,4 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for name, report in results.items():
         logging.info("%s: accuracy %.3f, recall@%d %.3f, relevance@%d %.3f", name, report["accuracy"],
                      cfg.k, report["recall"], cfg.k, report["relevance"])
-    out_dir = os.path.join(workdir, "rewrite_eval")
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(results, f, indent=2)
     return results
