@@ -112,6 +112,9 @@ def test_micro_run_from_a_tiny_checkpoint_on_real_queries(checkpoint, files, tmp
     recalls = [recall_at_k([pid for pid, _ in engine.search(q.text, 10)], q.target_ids, 10) for q in held_out]
     assert raw["recall"] == pytest.approx(np.mean(recalls)) and raw["per_query"]["recall"] == pytest.approx(recalls)
     assert raw["per_query"]["query"] == [q.text for q in held_out]
+    for fmt in rewrite_data.REWRITE_FORMATS:  # the teacher's rewrites of the held-out queries it rewrote
+        taught = [q for q in held_out if q.text in data.teacher_rewrites]
+        assert results.get(f"teacher_{fmt}/test", {}).get("num_examples", 0) == len(taught)
     for policy in ("base", "sft", "rl"):
         report = results[f"{policy}/test"]
         assert report["num_examples"] == len(held_out) and 0.0 <= report["format_failure_rate"] <= 1.0

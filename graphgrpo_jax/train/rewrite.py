@@ -70,8 +70,9 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def run_real_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Real data: each pool split of `config.rewrite_eval.splits` ("test": never trained on; "rl": the queries
-    GRPO trained on) for the raw query, the teacher's rewrite where the query files hold one (its
-    `num_examples` says how many), and each policy ("base" is the checkpoint before SFT: zero-shot)."""
+    GRPO trained on) for the raw query, the teacher's rewrite in both formats where the query files hold one
+    (`teacher_boolean`, `teacher_plain`; their `num_examples` say how many), and each policy ("base" is the
+    checkpoint before SFT: zero-shot)."""
     cfg = config.rewrite_eval
     data, tokenizer = rewrite_task.real_data(config), artifacts.load_tokenizer(config, workdir)
     engine = SearchEngine.open(artifacts.index_dir(workdir))
@@ -82,9 +83,10 @@ def run_real_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
         results[f"raw/{split}"] = rewrite_eval.real_rewrite_metrics(data.pool, engine, split_queries,
                                                                     [q.text for q in split_queries], cfg.k)
         taught = [q for q in split_queries if q.text in data.teacher_rewrites]
-        if taught:
-            results[f"teacher/{split}"] = rewrite_eval.real_rewrite_metrics(
-                data.pool, engine, taught, [data.teacher_rewrites[q.text] for q in taught], cfg.k)
+        for fmt in rewrite_data.REWRITE_FORMATS if taught else ():  # the teacher's Boolean query and its words
+            results[f"teacher_{fmt}/{split}"] = rewrite_eval.real_rewrite_metrics(
+                data.pool, engine, taught, [rewrite_data.TeacherRewrite("", data.teacher_rewrites[q.text]).target(fmt)
+                                            for q in taught], cfg.k)
     for stage in cfg.policies:
         params = artifacts.policy_params(config, workdir, stage)
         for split, split_queries in queries.items():
