@@ -44,6 +44,8 @@ def read_arm(spec: str) -> Arm:
     workdirs, sep2, report = rest.rpartition(":")
     if not (sep and sep2 and name and workdirs and report):
         raise ValueError(f"--arm={spec!r}: expected NAME=WORKDIR[,WORKDIR...]:REPORT, e.g. 'SFT=runs/a:sft/test'")
+    if "," in name:
+        raise ValueError(f"--arm={spec!r}: an arm's name may not hold a comma (--pair=A,B names two arms)")
     values: dict[str, dict[str, list[float]]] = {metric: {} for metric in METRICS}
     seed_means: dict[str, list[float]] = {metric: [] for metric in METRICS}
     for workdir in workdirs.split(","):

@@ -40,3 +40,5 @@ def test_arms_seeds_intervals_and_pairs(tmp_path):
         results.read_arm(f"GRPO={s0}:rl/test")
     with pytest.raises(ValueError, match="expected NAME=WORKDIR"):
         results.read_arm("no-workdir")
+    with pytest.raises(ValueError, match="may not hold a comma"):
+        results.read_arm(f"SFT, seed 0={s0}:sft/test")
