@@ -7,6 +7,7 @@ import json
 import pathlib
 import sys
 
+import jax
 import nbformat
 import pytest
 from nbclient import NotebookClient
@@ -27,6 +28,13 @@ def kernel_of_this_interpreter(tmp_path_factory):
         "display_name": "graphgrpo_jax tests", "language": "python"}))
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("JUPYTER_PATH", str(root))
+        # The kernel shares this session's XLA compilation cache (tests/conftest.py): the notebooks' micro runs
+        # compile the programs of the in-process micro runs. Same programs, so same results; the kernel runs
+        # while this process waits, so no two processes write the cache at once.
+        patch.setenv("JAX_COMPILATION_CACHE_DIR", jax.config.jax_compilation_cache_dir)
+        patch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+                     str(jax.config.jax_persistent_cache_min_compile_time_secs))
+        patch.setenv("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
         yield KERNEL
 
 

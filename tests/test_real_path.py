@@ -8,18 +8,15 @@ eval-only mode judges the test rows with the run's checkpoints and must agree wi
 import json
 import pathlib
 
-import jax
 import numpy as np
 import pytest
 
-from configs import common, smollm2_esci
-from graphgrpo_jax import artifacts, main, tokenization
+from configs import smollm2_esci
+from graphgrpo_jax import artifacts, main
 from graphgrpo_jax.data import prompts
-from graphgrpo_jax.models import decoder, hf
+from graphgrpo_jax.models import decoder
 from graphgrpo_jax.tasks import relevance
 
-CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 NUM_ROWS = 60
 
 
@@ -33,18 +30,12 @@ def esci_rows(shared_data, tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(esci_rows, tmp_path_factory) -> pathlib.Path:
+def checkpoint(esci_rows, tmp_path_factory, make_chat_checkpoint) -> pathlib.Path:
     """A tiny random Llama-shaped model whose tokenizer (ChatML, EOS `<|im_end|>`) saw the rows' text."""
     folder = tmp_path_factory.mktemp("checkpoint")
     rows = [json.loads(line) for line in esci_rows.read_text().splitlines()]
     corpus = [f"{r['query']} {r['product_title']}" for r in rows] + [prompts.SYSTEM, prompts.COT_INSTRUCTION]
-    tokenizer = tokenization.train_tokenizer(corpus * 2, 700, folder, extra_special_tokens=("<|im_start|>",))
-    tokenizer.add_special_tokens({"eos_token": "<|im_end|>", "pad_token": "<|im_end|>"})
-    tokenizer.chat_template = CHATML
-    tokenizer.save_pretrained(str(folder))
-    model = common.model_config("tiny", arch="llama", qkv_bias=False, vocab_size=len(tokenizer), max_seq_len=512)
-    hf.save_hf(decoder.init_params(decoder.DecoderConfig.from_config(model), jax.random.PRNGKey(0)), model, folder)
-    return folder
+    return make_chat_checkpoint(folder, corpus, 700)
 
 
 def _config(checkpoint, esci_rows):

@@ -227,8 +227,8 @@ def test_retrieval_judge_grades_what_the_rewrite_retrieves(world, graded_hits):
     judge = rewrite_task.RetrievalJudge(engine, 5, grader)
     scores = judge([query.text] * 3, ["found", "nothing", "two"])
     np.testing.assert_allclose(scores, [8 / 15, 0.0, 1 / 15])  # grades 3+2+2+1+0; none; 1+0, empty slots 0
-    for rewrite, score in zip(["found", "two"], scores[[0, 2]]):
-        report = rewrite_eval.rewrite_metrics(world, engine, [query], [rewrite], k=5)
+    for text, score in zip(["found", "two"], scores[[0, 2]]):
+        report = rewrite_eval.rewrite_metrics(world, engine, [query], [text], k=5)
         assert report["relevance"] == pytest.approx(3 * score)
     assert grader.calls == [[(query.text, pid) for pid in hits]]  # hits[3:] are among them: graded once
     other = next(q for q in world.split_queries("train") if q.text != query.text)

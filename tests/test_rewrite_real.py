@@ -8,19 +8,14 @@ GRPO step (the SFT policy's tagger as judge) → eval on held-out pool queries, 
 
 import json
 
-import jax
 import numpy as np
 import pytest
 
-from configs import common, rewrite as rewrite_configs
-from graphgrpo_jax import artifacts, main, tokenization
+from configs import rewrite as rewrite_configs
+from graphgrpo_jax import artifacts, main
 from graphgrpo_jax.data import prompts, rewrite_data
-from graphgrpo_jax.models import decoder, hf
 from graphgrpo_jax.search.engine import SearchEngine, recall_at_k
 from graphgrpo_jax.tasks import rewrite as rewrite_task
-
-CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 @pytest.fixture(scope="module")
@@ -44,20 +39,14 @@ def files(shared_data, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(files, tmp_path_factory):
+def checkpoint(files, tmp_path_factory, make_chat_checkpoint):
     """A tiny random Llama-shaped model whose ChatML tokenizer (EOS `<|im_end|>`) saw the queries and titles."""
     folder = tmp_path_factory.mktemp("checkpoint")
     queries = rewrite_data.read_queries(files["train_path"], split="train").queries
     titles = [p["title"] for p in rewrite_data.read_pool(files["pool_paths"]).products]
     corpus = [q.text + " " + (q.teacher.rewrite if q.teacher else "") for q in queries] + titles + [
         prompts.REWRITE_SYSTEM, *prompts.REWRITE_INSTRUCTIONS.values(), prompts.TAG_INSTRUCTION]
-    tokenizer = tokenization.train_tokenizer(corpus * 2, 900, folder, extra_special_tokens=("<|im_start|>",))
-    tokenizer.add_special_tokens({"eos_token": "<|im_end|>", "pad_token": "<|im_end|>"})
-    tokenizer.chat_template = CHATML
-    tokenizer.save_pretrained(str(folder))
-    model = common.model_config("tiny", arch="llama", qkv_bias=False, vocab_size=len(tokenizer), max_seq_len=512)
-    hf.save_hf(decoder.init_params(decoder.DecoderConfig.from_config(model), jax.random.PRNGKey(0)), model, folder)
-    return folder
+    return make_chat_checkpoint(folder, corpus, 900)
 
 
 def _config(checkpoint, files):
