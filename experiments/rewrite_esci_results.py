@@ -117,11 +117,15 @@ def markdown(summary: dict) -> str:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_multi_string("arm", [], "NAME=WORKDIR[,WORKDIR...]:REPORT")
-flags.DEFINE_multi_string("pair", [], "A,B: the paired difference A - B")
-flags.DEFINE_integer("resamples", 2000, "bootstrap resamples")
-flags.DEFINE_integer("seed", 0, "bootstrap seed")
-flags.DEFINE_string("out", "", "write the summary as JSON here")
+
+
+def define_flags() -> None:
+    """Defined only when run as a script, so that importing this module (tests) defines no global flag."""
+    flags.DEFINE_multi_string("arm", [], "NAME=WORKDIR[,WORKDIR...]:REPORT")
+    flags.DEFINE_multi_string("pair", [], "A,B: the paired difference A - B")
+    flags.DEFINE_integer("resamples", 2000, "bootstrap resamples")
+    flags.DEFINE_integer("seed", 0, "bootstrap seed")
+    flags.DEFINE_string("out", "", "write the summary as JSON here")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -135,4 +139,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
