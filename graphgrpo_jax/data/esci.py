@@ -35,7 +35,7 @@ import json
 import logging
 import pathlib
 from collections.abc import Iterator, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -113,14 +113,18 @@ def _is_text(value: Any, id_field: bool) -> bool:
     return isinstance(value, str) or (id_field and isinstance(value, int) and not isinstance(value, bool))
 
 
-class _RowReader:
-    """Turns raw rows into examples, raising or counting the bad ones."""
+class BadRows:
+    """One file's bad rows, raised or counted: the policy every reader of this package follows (and what
+    `json_lines` reports unreadable lines to).
 
-    def __init__(self, path: pathlib.Path, test_fraction: float, skip_bad_rows: bool):
-        self.path, self.test_fraction, self.skip_bad_rows = path, test_fraction, skip_bad_rows
+    `bad(row, field, problem)` raises `EsciFormatError` naming file, row and field, or with `skip_bad_rows`
+    counts the row under its reason in `skipped` (and logs it); `check_read(num_read, which)` logs the counts
+    and refuses a file with no readable row, empty or every row skipped.
+    """
+
+    def __init__(self, path: pathlib.Path, skip_bad_rows: bool):
+        self.path, self.skip_bad_rows = path, skip_bad_rows
         self.skipped: collections.Counter[str] = collections.Counter()
-        self.examples: list[EsciExample] = []
-        self._pair_counts: collections.Counter[tuple[str, str]] = collections.Counter()
 
     def bad(self, row: int, field: str | None, problem: str) -> None:
         error = EsciFormatError(self.path, row, field, problem)
@@ -128,6 +132,28 @@ class _RowReader:
             raise error
         self.skipped[f"{field}: {problem}" if field else problem] += 1
         logging.warning("skipping %s", error)
+
+    def check_read(self, num_read: int, which: str = "") -> dict[str, int]:
+        """The skip counts (reason -> rows, sorted); an error when nothing was read. `which` says what rows
+        were asked for (" of locale 'us'")."""
+        if self.skipped:
+            logging.warning("%s: skipped %d bad rows: %s", self.path, sum(self.skipped.values()),
+                            dict(self.skipped))
+        if not num_read:  # an empty file, or every row bad: never zero rows without a word
+            raise EsciFormatError(self.path, None, None, f"no readable rows{which}" + (
+                f": all {sum(self.skipped.values())} skipped ({dict(self.skipped)})" if self.skipped else
+                " (an empty file?)"))
+        return dict(sorted(self.skipped.items()))
+
+
+class _RowReader(BadRows):
+    """Turns raw rows into examples, raising or counting the bad ones."""
+
+    def __init__(self, path: pathlib.Path, test_fraction: float, skip_bad_rows: bool):
+        super().__init__(path, skip_bad_rows)
+        self.test_fraction = test_fraction
+        self.examples: list[EsciExample] = []
+        self._pair_counts: collections.Counter[tuple[str, str]] = collections.Counter()
 
     def add(self, row: int, record: Mapping[str, Any], esci_split: str = "") -> None:
         text_fields = {}
@@ -187,25 +213,11 @@ class _RowReader:
         examples = self.examples
         if teacher_cot:
             examples = [dataclasses.replace(e, teacher_cot=teacher_cot.get(e.example_id)) for e in examples]
-        if self.skipped:
-            logging.warning("%s: skipped %d bad rows: %s", self.path, sum(self.skipped.values()),
-                            dict(self.skipped))
-        if not examples:  # an empty file, or every row bad: never zero rows without a word
-            raise EsciFormatError(self.path, None, None, f"no readable rows{which}" + (
-                f": all {sum(self.skipped.values())} skipped ({dict(self.skipped)})" if self.skipped else
-                " (an empty file?)"))
-        return EsciData(tuple(examples), dict(sorted(self.skipped.items())))
+        skipped = self.check_read(len(examples), which)
+        return EsciData(tuple(examples), skipped)
 
 
-class BadRowSink(Protocol):
-    """What `json_lines` reports unreadable lines to: a reader that raises or counts bad rows."""
-
-    skip_bad_rows: bool
-
-    def bad(self, row: int, field: str | None, problem: str) -> None: ...
-
-
-def json_lines(path: pathlib.Path, reader: BadRowSink | None) -> Iterator[tuple[int, dict[str, Any]]]:
+def json_lines(path: pathlib.Path, reader: BadRows | None) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number from 1, object) per non-blank line; an unreadable line is a bad row of `reader` (None:
     an error)."""
     _require_file(path)

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -182,20 +183,14 @@ def parse_transcript(text: str) -> tuple[str | None, TeacherRewrite | None, str]
     return query, TeacherRewrite(think=think.group(1).strip() if think else "", rewrite=rewrite), ""
 
 
-class _QueryReader:
+class _QueryReader(esci.BadRows):
     """Turns a query file's raw rows into `RewriteQuery`s, raising or counting the bad ones."""
 
     def __init__(self, path: pathlib.Path, split: str, skip_bad_rows: bool):
-        self.path, self.split, self.skip_bad_rows = path, split, skip_bad_rows
-        self.skipped: collections.Counter[str] = collections.Counter()
+        super().__init__(path, skip_bad_rows)
+        self.split = split
         self.teacherless: collections.Counter[str] = collections.Counter()
         self.queries: list[RewriteQuery] = []
-
-    def bad(self, row: int, field: str | None, problem: str) -> None:
-        error = esci.EsciFormatError(self.path, row, field, problem)
-        if not self.skip_bad_rows:
-            raise error
-        self.skipped[f"{field}: {problem}" if field else problem] += 1
 
     def add(self, row: int, record: Mapping[str, Any]) -> None:
         query = record.get("query")
@@ -220,23 +215,19 @@ class _QueryReader:
                 return self.bad(row, "sft_text", f"expected a string or null, got a {type(text).__name__}")
             prompt_query, teacher, why = parse_transcript(text)
             if prompt_query is not None and prompt_query != query:
-                return self.bad(row, "sft_text", f"the transcript's query {short(prompt_query)!r} is not the "
-                                                 f"row's query {short(query)!r}")
+                return self.bad(row, "sft_text", f"the transcript's query {_short(prompt_query)!r} is not the "
+                                                 f"row's query {_short(query)!r}")
             if teacher is None:
                 self.teacherless[why] += 1
         self.queries.append(RewriteQuery(text=query, target_ids=tuple(dict.fromkeys(_fold(t) for t in targets)),
                                          split=self.split, data_source=source, teacher=teacher))
 
     def result(self) -> RewriteData:
-        if not self.queries:
-            raise esci.EsciFormatError(self.path, None, None, "no readable rows" + (
-                f": all {sum(self.skipped.values())} skipped ({dict(self.skipped)})" if self.skipped
-                else " (an empty file?)"))
-        return RewriteData(str(self.path), tuple(self.queries), dict(sorted(self.skipped.items())),
-                           dict(sorted(self.teacherless.items())))
+        skipped = self.check_read(len(self.queries))
+        return RewriteData(str(self.path), tuple(self.queries), skipped, dict(sorted(self.teacherless.items())))
 
 
-def short(text: str, limit: int = 80) -> str:
+def _short(text: str, limit: int = 80) -> str:
     """`text` cut to `limit` characters for an error message (the data keeps it whole)."""
     return text if len(text) <= limit else text[:limit] + "…"
 
@@ -255,7 +246,11 @@ class RewriteSplits:
     train: RewriteData
     val: RewriteData  # without the rows of test queries
     test: RewriteData
-    val_rows_of_test_queries: int  # dropped from val
+    val_test_rows: tuple[RewriteQuery, ...]  # the val file's rows of test queries, dropped from val
+
+    @property
+    def val_rows_of_test_queries(self) -> int:
+        return len(self.val_test_rows)
 
 
 def read_splits(train_path: str | os.PathLike, val_path: str | os.PathLike, test_path: str | os.PathLike, *,
@@ -272,7 +267,7 @@ def read_splits(train_path: str | os.PathLike, val_path: str | os.PathLike, test
     val = read_queries(val_path, split="val", skip_bad_rows=skip_bad_rows)
     kept = tuple(q for q in val.queries if q.text not in test_queries)
     return RewriteSplits(train=train, val=dataclasses.replace(val, queries=kept), test=test,
-                         val_rows_of_test_queries=len(val.queries) - len(kept))
+                         val_test_rows=tuple(q for q in val.queries if q.text in test_queries))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,16 +278,15 @@ class ProductPool:
     judgements: Mapping[str, Mapping[str, int]]  # query -> product id -> grade 0-3 (3 = Exact)
     title_conflicts: tuple[str, ...]  # product ids read with more than one title (the first one read is kept)
 
-    @property
+    @functools.cached_property
     def ids(self) -> frozenset[str]:
         return frozenset(product["id"] for product in self.products)
 
-    def targets(self, query: RewriteQuery | None = None, query_text: str | None = None) -> tuple[str, ...]:
-        """The Exact products of a query held in the pool: its judged Exact products, then its `target_ids`."""
-        text = query.text if query is not None else query_text
+    def targets(self, text: str, listed: Sequence[str] = ()) -> tuple[str, ...]:
+        """The Exact products of query `text` held in the pool: its judged Exact products, then those of
+        `listed` (a query file's `target_ids`) that the pool holds."""
         judged = [pid for pid, grade in self.judgements.get(text, {}).items() if grade == 3]
-        listed = [pid for pid in (query.target_ids if query is not None else ()) if pid in self.ids]
-        return tuple(dict.fromkeys(judged + listed))
+        return tuple(dict.fromkeys(judged + [pid for pid in listed if pid in self.ids]))
 
 
 def read_pool(paths: Sequence[str | os.PathLike]) -> ProductPool:
@@ -330,7 +324,7 @@ def pool_queries(pool: ProductPool, files: Iterable[RewriteData]) -> list[Rewrit
     merged: dict[str, RewriteQuery] = {}
     for data in files:
         for query in data.queries:
-            targets = pool.targets(query)
+            targets = pool.targets(query.text, query.target_ids)
             known = merged.get(query.text)
             if targets and known is None:
                 merged[query.text] = dataclasses.replace(query, target_ids=targets)
@@ -338,7 +332,7 @@ def pool_queries(pool: ProductPool, files: Iterable[RewriteData]) -> list[Rewrit
                 merged[query.text] = dataclasses.replace(
                     known, target_ids=tuple(dict.fromkeys(known.target_ids + targets)))
     for text in pool.judgements:
-        targets = pool.targets(query_text=text)
+        targets = pool.targets(text)
         if targets and text not in merged:
             merged[text] = RewriteQuery(text=text, target_ids=targets, split="pool")
     return list(merged.values())

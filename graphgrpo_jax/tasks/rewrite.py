@@ -266,7 +266,7 @@ class RealData:
     splits: rewrite_data.RewriteSplits
     pool: rewrite_data.ProductPool
     pool_queries: dict[str, tuple[rewrite_data.RewriteQuery, ...]]  # "rl" | "test" -> queries
-    teacher_rewrites: dict[str, str]  # query -> teacher's Boolean rewrite, for the eval's teacher arm only
+    teacher_rewrites: dict[str, rewrite_data.TeacherRewrite]  # query -> the teacher's, for the eval's teacher arm only
 
 
 @functools.cache
@@ -279,8 +279,8 @@ def _real_data(train: str, val: str, test: str, pool_paths: tuple[str, ...], ski
                 for q in queries}
     # The val file's teacher rows of test queries are dropped from every split; the eval reads them as the
     # teacher arm (the ceiling a copy of the teacher reaches), and nothing trains on them.
-    every_val_row = rewrite_data.read_queries(val, split="val", skip_bad_rows=skip_bad_rows).queries
-    teacher = {q.text: q.teacher.rewrite for q in (*splits.train.queries, *every_val_row) if q.teacher}
+    rows = (*splits.train.queries, *splits.val.queries, *splits.val_test_rows)
+    teacher = {q.text: q.teacher for q in rows if q.teacher}
     return RealData(splits, pool, {name: tuple(q for q in queries if split_of[q.text] == name)
                                    for name in rewrite_data.POOL_SPLITS}, teacher)
 
@@ -307,18 +307,19 @@ def real_sft_examples(config: ml_collections.ConfigDict, tokenizer: Any,
     train = [q for q in real_data(config).splits.train.queries
              if q.teacher is not None and is_labelled(q.text, labelled_fraction)]
     tags = rewrite_data.constructed_tags(train, fmt, seed=config.seed)
-    responses = sorted({prompts_lib.rewrite_response(rewrite, style) for _, rewrite, _ in tags})
+    response_of = {rewrite: prompts_lib.rewrite_response(rewrite, style) for _, rewrite, _ in tags}
+    responses = sorted(set(response_of.values()))
     lengths = [len(ids) + 1 for ids in tokenizer(responses, add_special_tokens=False)["input_ids"]]
     fits = {response for response, length in zip(responses, lengths) if length <= limit}
-    kept = [q for q in train if prompts_lib.rewrite_response(q.teacher.target(fmt), style) in fits]
-    kept_tags = [row for row in tags if prompts_lib.rewrite_response(row[1], style) in fits]
+    kept = [q for q in train if response_of[q.teacher.target(fmt)] in fits]  # its "relevant" tag row's rewrite
+    kept_tags = [row for row in tags if response_of[row[1]] in fits]
     if len(kept) < len(train):
         logging.warning("rewrite SFT: dropped %d of %d teacher rewrites (and %d of %d tag rows) longer than "
                         "config.data.max_response_len = %d tokens (longest %d)", len(train) - len(kept), len(train),
                         len(tags) - len(kept_tags), len(tags), limit, max(lengths))
     return {
         "rewrite": (prompts_lib.rewrite_prompts(tokenizer, [q.text for q in kept], style=style, rewrite_format=fmt),
-                    [prompts_lib.rewrite_response(q.teacher.target(fmt), style) for q in kept]),
+                    [response_of[q.teacher.target(fmt)] for q in kept]),
         "tag": (prompts_lib.tag_prompts(tokenizer, [q for q, _, _ in kept_tags], [r for _, r, _ in kept_tags],
                                         style=style),
                 [tag for _, _, tag in kept_tags]),

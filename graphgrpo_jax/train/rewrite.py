@@ -85,8 +85,7 @@ def run_real_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
         taught = [q for q in split_queries if q.text in data.teacher_rewrites]
         for fmt in rewrite_data.REWRITE_FORMATS if taught else ():  # the teacher's Boolean query and its words
             results[f"teacher_{fmt}/{split}"] = rewrite_eval.real_rewrite_metrics(
-                data.pool, engine, taught, [rewrite_data.TeacherRewrite("", data.teacher_rewrites[q.text]).target(fmt)
-                                            for q in taught], cfg.k)
+                data.pool, engine, taught, [data.teacher_rewrites[q.text].target(fmt) for q in taught], cfg.k)
     for stage in cfg.policies:
         params = artifacts.policy_params(config, workdir, stage)
         for split, split_queries in queries.items():
