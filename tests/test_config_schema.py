@@ -90,6 +90,7 @@ def test_every_shipped_config_passes_and_every_field_has_a_check():
 
 def test_choices_written_out_match_the_modules_that_read_them():
     from graphgrpo_jax import artifacts
+    from graphgrpo_jax.models import decoder
     from graphgrpo_jax.rl import rewards
     from graphgrpo_jax.tasks import rewrite
     from graphgrpo_jax.train import distill, evaluate, export
@@ -105,6 +106,9 @@ def test_choices_written_out_match_the_modules_that_read_them():
     assert cv.FUSIONS_READING_REL == tuple(m for m in rewards.FUSION_MODES if "rel" in rewards.FUSION_INPUTS[m])
     assert cv.REWRITE_WORLD_ONLY_JUDGES == rewrite.WORLD_ONLY_JUDGES
     assert cv.CONVERSION_METRICS == rewards.CONVERSION_METRICS
+    assert cv.LORA_TARGETS == decoder.LORA_TARGETS
+    from graphgrpo_jax import main
+    assert set(cv.RL_STAGES) <= set(main.STAGES)
 
 
 def test_cross_field_rules_of_the_stages_that_run():

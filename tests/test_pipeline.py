@@ -63,7 +63,8 @@ def test_rl_logs_every_metric_each_step(workdir):
     expected = ["rl/reward", "rl/reward_std", "rl/frac_reward_zero_std", "rl/kl", "rl/entropy",
                 "rl/clip_ratio/low", "rl/clip_ratio/high", "rl/clip_ratio/region", "rl/completions/mean_length",
                 "rl/accuracy", "rl/format_failure_rate", "rl/format_failures", "rl/loss", "rl/grad_norm",
-                "controller/grad_norm", "time/step_s", "credit/blame_precision_at_1",
+                "controller/grad_norm", "time/step_s", "time/generate_s", "time/score_s", "time/update_s",
+                "time/other_s", "credit/blame_precision_at_1",
                 "credit/blame_random_baseline", "credit/credit_correctness_corr"]
     expected += [f"phi/{edge}" for edge in ("y->ms", "y->ma", "ms->qs", "ms->ps", "ma->qa", "ma->pa")]
     expected += [f"credit/adv_{stat}/{node}" for stat in ("mean", "std", "min", "max")
@@ -72,6 +73,7 @@ def test_rl_logs_every_metric_each_step(workdir):
         missing = [k for k in expected if k not in row]
         assert not missing, missing
         assert row["rl/format_failures"] == pytest.approx(row["rl/format_failure_rate"] * 8)
+        assert row["time/generate_s"] > 0 < row["time/update_s"] and row["time/score_s"] >= 0
         assert all(0.0 <= row[f"phi/{e}"] <= 1.0 for e in ("y->ms", "ms->qs"))
 
 

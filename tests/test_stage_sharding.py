@@ -70,7 +70,7 @@ def test_losses_and_metrics_match_one_device(runs):
         assert all(loss_key in row for row in single)
         for one, eight in zip(single, sharded):
             assert one.keys() == eight.keys()
-            for key in one.keys() - {"step", "time/step_s"}:
+            for key in {key for key in one.keys() if not key.startswith("time/")} - {"step"}:  # wall times differ
                 where = (stage, one["step"], key)
                 if isinstance(one[key], str):  # a non-finite value, written as its repr
                     assert eight[key] == one[key], where

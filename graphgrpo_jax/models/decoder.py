@@ -26,6 +26,10 @@ are one ``nn.scan``; logical axis names in brackets, see ``param_logical_axes``)
     norm/scale                          [D]           (embed,)
     lm_head                             [D, V]        (embed, vocab)                  if not tied
 
+With LoRA (`lora_rank` r > 0) each projection of `lora_targets` also holds its adapters (`models/lora.py`),
+e.g. ``layers/self_attn/q_proj/lora_a [L, D, r] (layers, embed, lora_rank)`` and
+``layers/self_attn/q_proj/lora_b [L, r, H, Dh] (layers, lora_rank, heads, head_dim)``.
+
 Decoding an unrolled model (`DecoderConfig.unrolled`, e.g. the small CPU preset) splits the stack once into
 ``layers_0 ... layers_{L-1}`` (`decoding_params`) and keeps one KV cache per layer.
 """
@@ -41,9 +45,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from graphgrpo_jax.models import lora
+
 Params = Any  # a nested dict of arrays, laid out as in the module docstring
 
 ARCHS = ("qwen2", "qwen3", "llama")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _INIT_STDDEV = 0.02  # Hugging Face's `initializer_range` for this family
 
 
@@ -84,8 +91,20 @@ class DecoderConfig(DtypeFields):
     max_seq_len: int = 2048
     remat: bool = False  # recompute each layer in the backward pass: memory for compute
     scan_unroll: int = 1  # layers per iteration of the scanned stack; num_layers unrolls it (`unrolled`)
+    lora_rank: int = 0  # > 0: low-rank adapters on `lora_targets`, the only weights training updates
+    lora_alpha: float = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    lora_dropout: float = 0.0  # on the adapters' input, when the caller passes a dropout rng
 
     def __post_init__(self):
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # hashable, whatever came in
+        if self.lora_rank < 0:
+            raise ValueError(f"model.lora_rank={self.lora_rank} must be >= 0 (0: no adapters)")
+        unknown = [name for name in self.lora_targets if name not in LORA_TARGETS]
+        if unknown or (self.lora_rank and not self.lora_targets):
+            raise ValueError(f"model.lora_targets={self.lora_targets}: name one or more of {LORA_TARGETS}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"model.lora_dropout={self.lora_dropout} must lie in [0, 1)")
         if self.arch not in ARCHS:
             raise ValueError(f"model.arch={self.arch!r} is not one of {ARCHS}")
         if self.num_heads % self.num_kv_heads:
@@ -105,6 +124,14 @@ class DecoderConfig(DtypeFields):
         and caches (`decoding_params`, `init_cache`). On CPU this saves copying every layer's weights and
         K/V out of the stacks at every decode step; big models on accelerators keep the scan (compile time)."""
         return self.scan_unroll >= self.num_layers
+
+    @property
+    def lora_scale(self) -> float:
+        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
+
+    def without_lora(self) -> "DecoderConfig":
+        """The same model without adapters: what `lora.merged` or `lora.without_adapters` params run on."""
+        return dataclasses.replace(self, lora_rank=0) if self.lora_rank else self
 
     @classmethod
     def from_config(cls, cfg) -> "DecoderConfig":
@@ -217,18 +244,54 @@ def grouped_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: j
     return jnp.moveaxis(out, 3, 1).reshape(batch, length, num_heads, head_dim)
 
 
+class Projection(nn.DenseGeneral):
+    """`nn.DenseGeneral` over the trailing `in_names` axes (through `matmul_2d`), plus, when the config adapts
+    this projection (`lora_targets`), the LoRA term (alpha / r) · (x A) B of `models/lora.py`.
+
+    The adapters' logical axes are the kernel's input axes + `lora_rank`, and `lora_rank` + its output axes.
+    Dropout on the adapters' input runs only when the caller passes a "dropout" rng.
+    """
+
+    config: DecoderConfig | None = None
+    in_names: tuple[str, ...] = ("embed",)
+    out_names: tuple[str, ...] = ("embed",)
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        out = super().__call__(inputs)
+        cfg = self.config
+        if not cfg.lora_rank or self.name not in cfg.lora_targets:
+            return out
+        num_in = len(self.in_names)
+        in_shape, out_shape = inputs.shape[inputs.ndim - num_in:], out.shape[inputs.ndim - num_in:]
+        a_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=tuple(range(num_in)),
+                                                  out_axis=-1)  # PEFT's kaiming-uniform(a=√5): ±1/√fan_in
+        a = self.param("lora_a", nn.with_logical_partitioning(a_init, (*self.in_names, "lora_rank")),
+                       (*in_shape, cfg.lora_rank), self.param_dtype)
+        b = self.param("lora_b", _zeros_init(("lora_rank", *self.out_names)), (cfg.lora_rank, *out_shape),
+                       self.param_dtype)
+        x = inputs
+        if cfg.lora_dropout and self.has_rng("dropout"):
+            x = nn.Dropout(cfg.lora_dropout, deterministic=False)(x)
+        contract = lambda n, ndim: ((tuple(range(ndim - n, ndim)), tuple(range(n))), ((), ()))
+        low = matmul_2d(x.astype(self.dtype), a.astype(self.dtype), contract(num_in, x.ndim))
+        delta = matmul_2d(low, b.astype(self.dtype), contract(1, low.ndim))
+        return out + (cfg.lora_scale * delta).astype(out.dtype)
+
+
 class Attention(nn.Module):
     config: DecoderConfig
 
     @nn.compact
     def __call__(self, x, cos, sin, allowed, cache_kv, layer, write_slot):
         cfg = self.config
-        dense = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, dot_general=matmul_2d)
+        dense = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, dot_general=matmul_2d, config=cfg)
 
         def projection(name, num, heads_axis):
-            return nn.DenseGeneral((num, cfg.head_dim), use_bias=cfg.qkv_bias, name=name,
-                                   kernel_init=_dense_init(("embed", heads_axis, "head_dim")),
-                                   bias_init=_zeros_init((heads_axis, "head_dim")), **dense)(x)
+            return Projection((num, cfg.head_dim), use_bias=cfg.qkv_bias, name=name,
+                              kernel_init=_dense_init(("embed", heads_axis, "head_dim")),
+                              bias_init=_zeros_init((heads_axis, "head_dim")), out_names=(heads_axis, "head_dim"),
+                              **dense)(x)
 
         q = projection("q_proj", cfg.num_heads, "heads")
         k = projection("k_proj", cfg.num_kv_heads, "kv_heads")
@@ -254,8 +317,9 @@ class Attention(nn.Module):
             k, v = (jax.lax.dynamic_index_in_dim(stack, layer, keepdims=False) for stack in cache_kv)
 
         out = grouped_query_attention(q, k, v, allowed)
-        out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=False, name="o_proj",
-                              kernel_init=_dense_init(("heads", "head_dim", "embed")), **dense)(out)
+        out = Projection(cfg.hidden_size, axis=(-2, -1), use_bias=False, name="o_proj",
+                         kernel_init=_dense_init(("heads", "head_dim", "embed")), in_names=("heads", "head_dim"),
+                         **dense)(out)
         return out, cache_kv
 
 
@@ -265,11 +329,13 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        dense = dict(use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, dot_general=matmul_2d)
-        gate = nn.DenseGeneral(cfg.mlp_dim, name="gate_proj", kernel_init=_dense_init(("embed", "mlp")), **dense)(x)
-        up = nn.DenseGeneral(cfg.mlp_dim, name="up_proj", kernel_init=_dense_init(("embed", "mlp")), **dense)(x)
-        return nn.DenseGeneral(cfg.hidden_size, name="down_proj", kernel_init=_dense_init(("mlp", "embed")),
-                               **dense)(nn.silu(gate) * up)
+        dense = dict(use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, dot_general=matmul_2d,
+                     config=cfg)
+        into_mlp = dict(kernel_init=_dense_init(("embed", "mlp")), out_names=("mlp",), **dense)
+        gate = Projection(cfg.mlp_dim, name="gate_proj", **into_mlp)(x)
+        up = Projection(cfg.mlp_dim, name="up_proj", **into_mlp)(x)
+        return Projection(cfg.hidden_size, name="down_proj", kernel_init=_dense_init(("mlp", "embed")),
+                          in_names=("mlp",), **dense)(nn.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -312,7 +378,7 @@ class Decoder(nn.Module):
             self.layers = [DecoderLayer(cfg) for _ in range(cfg.num_layers)]  # named layers_0, layers_1, ...
         else:
             layer = nn.remat(DecoderLayer, prevent_cse=False) if cfg.remat else DecoderLayer
-            self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+            self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                                   in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                                   length=cfg.num_layers, unroll=cfg.scan_unroll,
                                   metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
@@ -384,6 +450,16 @@ def init_params(config: DecoderConfig, rng: jax.Array) -> Params:
     return nn.meta.unbox(_boxed_init(config, rng))
 
 
+def with_adapters(params: Params, config: DecoderConfig, rng: jax.Array) -> Params:
+    """`params` of the base model (a pretrained checkpoint) with fresh LoRA adapters when `config` has them
+    (B = 0: the same function); `params` as they are when it has none or they already hold adapters."""
+    if not config.lora_rank or lora.has_adapters(params):
+        return params
+    # Under jit XLA drops the base weights' initialisation, whose results are not returned.
+    adapters = jax.jit(lambda key: lora.split(init_params(config, key))[0])(rng)
+    return lora.join(params, adapters)
+
+
 def param_logical_axes(config: DecoderConfig) -> Params:
     """A PartitionSpec of logical axis names per param (same tree as `init_params`), for sharding rules."""
     return nn.get_partition_spec(jax.eval_shape(functools.partial(_boxed_init, config), jax.random.key(0)))
@@ -395,15 +471,16 @@ def forward(params: Params, config: DecoderConfig, tokens: jax.Array, attention_
 
 
 def token_log_probs(params: Params, config: DecoderConfig, tokens: jax.Array,
-                    attention_mask: jax.Array, *, targets_from: int = 1, group_size: int = 1) -> jax.Array:
+                    attention_mask: jax.Array, *, targets_from: int = 1, group_size: int = 1,
+                    dropout_rng: jax.Array | None = None) -> jax.Array:
     """log p(tokens[:, t] | tokens[:, <t]) as [B, T] fp32.
 
     Zero where there is no context to condition on: position 0, padding, and a row's first real token
     (under left padding the token before it is padding); and before `targets_from` (see
-    `token_log_probs_and_entropy`, also for `group_size`).
+    `token_log_probs_and_entropy`, also for `group_size` and `dropout_rng`).
     """
     return token_log_probs_and_entropy(params, config, tokens, attention_mask, targets_from=targets_from,
-                                       group_size=group_size)[0]
+                                       group_size=group_size, dropout_rng=dropout_rng)[0]
 
 
 # Most fp32 logits `token_log_probs_and_entropy` holds at once (256 MB); larger [B, T, V] blocks are scored
@@ -413,7 +490,8 @@ LOGITS_BUDGET = 2 ** 26
 
 def token_log_probs_and_entropy(params: Params, config: DecoderConfig, tokens: jax.Array,
                                 attention_mask: jax.Array, *, logits_budget: int = LOGITS_BUDGET,
-                                targets_from: int = 1, group_size: int = 1) -> tuple[jax.Array, jax.Array]:
+                                targets_from: int = 1, group_size: int = 1,
+                                dropout_rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """`token_log_probs` and the entropy of the distribution each token was drawn from, both [B, T].
 
     One forward pass for both (the RL loss logs the policy's entropy); under jit an unused entropy costs
@@ -429,6 +507,9 @@ def token_log_probs_and_entropy(params: Params, config: DecoderConfig, tokens: j
     When the [B, T, V] logits exceed `logits_budget` elements (a 150k vocabulary at 32 × 512 is 10 GB per
     copy), positions are scored `logits_budget // (B · V)` at a time under `jax.checkpoint`, so memory
     stays at one chunk's logits in the forward and the backward pass alike.
+
+    `dropout_rng` turns on the LoRA adapters' dropout (`config.lora_dropout`); without it the pass is
+    deterministic.
     """
     if not 1 <= targets_from < tokens.shape[1]:
         raise ValueError(f"targets_from = {targets_from}: must be in [1, {tokens.shape[1]}) for {tokens.shape[1]} "
@@ -436,11 +517,12 @@ def token_log_probs_and_entropy(params: Params, config: DecoderConfig, tokens: j
     if group_size < 1 or tokens.shape[0] % group_size:
         raise ValueError(f"group_size = {group_size}: must be >= 1 and divide the {tokens.shape[0]} rows")
     module = Decoder(config)
+    rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
     if group_size > 1:
         hidden = module.apply({"params": params}, tokens, attention_mask, targets_from, group_size,
-                              method=_shared_prompt_hidden)
+                              method=_shared_prompt_hidden, rngs=rngs)
     else:
-        hidden = module.apply({"params": params}, tokens, attention_mask)[0][:, targets_from - 1:-1]
+        hidden = module.apply({"params": params}, tokens, attention_mask, rngs=rngs)[0][:, targets_from - 1:-1]
     targets = tokens[:, targets_from:]
 
     def score(hidden: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -513,9 +595,11 @@ def repeat_cache_rows(cache: KVCache, repeats: int) -> KVCache:
 
 
 def decoding_params(params: Params, config: DecoderConfig) -> Params:
-    """The params `extend_cache` reads: for an unrolled model, the layer stack split into `layers_0`,
-    `layers_1`, ... once, outside a decode loop (inside it, XLA would copy each slice at every step);
-    otherwise `params` as they are. Idempotent."""
+    """The params `extend_cache` reads, made once outside a decode loop: LoRA adapters merged into their
+    kernels (`lora.merged`: a decode step then costs what the plain model's does), and, for an unrolled model,
+    the layer stack split into `layers_0`, `layers_1`, ... (inside the loop, XLA would copy each slice at
+    every step). Idempotent."""
+    params = lora.merged(params, config.lora_scale)
     if not config.unrolled or "layers" not in params:
         return params
     split = {f"layers_{i}": jax.tree_util.tree_map(lambda x, i=i: x[i], params["layers"])
@@ -535,5 +619,5 @@ def extend_cache(params: Params, config: DecoderConfig, cache: KVCache, tokens: 
         hidden, cache = module(tokens, attention_mask, cache)
         return module.logits(hidden[:, -1]), cache
 
-    return Decoder(config, per_layer=config.unrolled).apply(
+    return Decoder(config.without_lora(), per_layer=config.unrolled).apply(
         {"params": decoding_params(params, config)}, tokens, attention_mask, cache, method=last_logits)

@@ -24,7 +24,7 @@ import transformers
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from graphgrpo_jax.models import decoder
+from graphgrpo_jax.models import decoder, lora
 
 PathLike = str | pathlib.Path
 
@@ -125,7 +125,9 @@ class _Tensor(NamedTuple):
 
 
 def _as_config(config) -> decoder.DecoderConfig:
-    return config if isinstance(config, decoder.DecoderConfig) else decoder.DecoderConfig.from_config(config)
+    """The plain model of a model config: a checkpoint holds no LoRA adapters (the run adds or merges them)."""
+    config = config if isinstance(config, decoder.DecoderConfig) else decoder.DecoderConfig.from_config(config)
+    return config.without_lora()
 
 
 @functools.lru_cache(maxsize=16)
@@ -292,6 +294,9 @@ def save_hf(params: decoder.Params, config, folder: PathLike,
     ``{"eos_token_id": ...}``; save the tokenizer beside it with `tokenizer.save_pretrained(folder)`.
     """
     config = _as_config(config)
+    if lora.has_adapters(params):
+        raise ValueError("save_hf: the params hold LoRA adapters, which a Hugging Face checkpoint has no place "
+                         "for; merge them first (lora.merged(params, config.lora_scale))")
     folder = pathlib.Path(folder)
     hf = {**hf_config_dict(config), **(extra_config or {})}
     folder.mkdir(parents=True, exist_ok=True)

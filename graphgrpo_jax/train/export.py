@@ -3,8 +3,9 @@
 For each policy of `config.export.policies` ("sft", "rl"), `<workdir>/export/<policy>/` gets config.json and
 model.safetensors (`models/hf.save_hf`, in `config.export.dtype`), the run's tokenizer with its chat template
 and the CoT tags (`tokenizer.json`, `tokenizer_config.json`), and a generation_config.json with its EOS and pad
-ids. The folder is written beside its destination and renamed into place, so a reader never sees half of one;
-an existing export of the same checkpoint step is kept.
+ids. A LoRA policy is exported merged (W + (alpha / r) A B), the plain model any server loads. The folder is
+written beside its destination and renamed into place, so a reader never sees half of one; an existing export
+of the same checkpoint step is kept.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 from absl import logging
 
 from graphgrpo_jax import artifacts, checkpointing, fileio
-from graphgrpo_jax.models import hf
+from graphgrpo_jax.models import decoder, hf, lora
 
 DTYPES = ("float32", "bfloat16")
 
@@ -49,13 +50,15 @@ def export_policy(config: ml_collections.ConfigDict, workdir: str, policy: str) 
     if (out / "export.json").is_file() and json.loads((out / "export.json").read_text()) == stamp:
         logging.info("export of %s step %d already in %s", policy, step, out)
         return out
-    params = jax.device_get(artifacts.policy_params(config, workdir, policy))
+    model_config = decoder.DecoderConfig.from_config(config.model)
+    # LoRA adapters merged into their kernels in fp32, before the cast: the folder holds the plain model.
+    params = jax.device_get(lora.merged(artifacts.policy_params(config, workdir, policy), model_config.lora_scale))
     params = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(jnp.dtype(dtype)), params)
     tokenizer = artifacts.load_tokenizer(config, workdir)
     special = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     if tokenizer.bos_token_id is not None:
         special["bos_token_id"] = tokenizer.bos_token_id
-    model = ml_collections.ConfigDict(dict(config.model.to_dict(), param_dtype=dtype))
+    model = ml_collections.ConfigDict(dict(config.model.to_dict(), param_dtype=dtype, lora_rank=0))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))

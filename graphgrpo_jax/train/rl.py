@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,7 @@ import optax
 from graphgrpo_jax import artifacts, mesh as mesh_lib, sampling, tasks
 from graphgrpo_jax.eval import credit as eval_credit
 from graphgrpo_jax.graph import controller as controller_lib, credit as credit_lib, spec as spec_lib
-from graphgrpo_jax.models import decoder
+from graphgrpo_jax.models import decoder, lora
 from graphgrpo_jax.rl import grpo, rollout
 from graphgrpo_jax.train import loop, state as state_lib
 
@@ -101,20 +102,24 @@ def make_update(model_config, grpo_cfg, spec, settings, optimizer, controller_mo
         rows = batch["tokens"].shape[0]
         cut = rows // grpo_cfg.num_generations // 2 * grpo_cfg.num_generations
         halves = (slice(0, cut), slice(cut, rows))
-        graph_pg = lambda p, h: jax.grad(surrogate)(params, p, batch, graph, h, settings)
-        outcome_pg = lambda h: jax.grad(surrogate)(params, phi, batch, graph, h, outcome_settings)
+        trainable, frozen = lora.split(params)  # policy gradients in the space that training moves
+        pg = lambda p, h, credit_settings: jax.grad(
+            lambda t: surrogate(lora.join(frozen, t), p, batch, graph, h, credit_settings))(trainable)
+        graph_pg = lambda p, h: pg(p, h, settings)
+        outcome_pg = lambda h: pg(phi, h, outcome_settings)
         return jax.grad(lambda p: -controller_lib.alignment_objective(p, graph_pg, outcome_pg, halves))(phi)
 
-    def slice_loss(params_and_advantages, rows: dict):
+    def slice_loss(frozen, trainable_and_advantages, rows: dict):
         """The policy loss's (additive) share of `rows`, and its logs' shares."""
-        params, advantages = params_and_advantages
-        logp, entropy = log_probs(params, rows["tokens"], rows["attention_mask"])
+        trainable, advantages = trainable_and_advantages
+        logp, entropy = log_probs(lora.join(frozen, trainable), rows["tokens"], rows["attention_mask"])
         return grpo.policy_loss_terms(logp, rows.get("old_logp"), advantages[rows["row"]],
                                       grpo.LossWeights(rows["loss_weight"], rows["mean_weight"]), grpo_cfg,
                                       rows.get("ref_logp"), entropy=jax.lax.stop_gradient(entropy))
 
     def loss_and_grads(params, phi, batch, graph, old_logp, ref_logp):
-        """(loss, logs) and the (params, φ) gradients, over `microbatches` slices of the batch's rows."""
+        """(loss, logs) and the gradients of the trainable params (`lora.split`) and of φ, over `microbatches`
+        slices of the batch's rows."""
         def advantages_of(phi):
             credit = credit_lib.compute_credit(graph, phi, batch["node_ids"], batch["completion_mask"],
                                                spec=spec, settings=settings)
@@ -127,8 +132,10 @@ def make_update(model_config, grpo_cfg, spec, settings, optimizer, controller_mo
                 "row": jnp.arange(batch["tokens"].shape[0]), "loss_weight": weights.loss,
                 "mean_weight": weights.mean}
         rows.update({name: x for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp)) if x is not None})
+        trainable, frozen = lora.split(params)
         (loss, metrics), (g_params, g_advantages) = state_lib.summed_value_and_grad(
-            slice_loss, (params, advantages), rows, microbatches, has_aux=True, rows_together=group_size)
+            functools.partial(slice_loss, frozen), (trainable, advantages), rows, microbatches, has_aux=True,
+            rows_together=group_size)
         metrics = {**metrics, **grpo.completion_metrics(batch["completion_mask"], batch["truncated"]), **node_stats}
         return (loss, metrics), (g_params, pull_back(g_advantages)[0])
 
@@ -140,15 +147,17 @@ def make_update(model_config, grpo_cfg, spec, settings, optimizer, controller_mo
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def update(params, opt_state, phi, batch, graph, ref_params):
-        ref_logp = forward_log_probs(ref_params, batch) if grpo_cfg.beta > 0 else None
+        # `ref_params`: the reference's trainable part (`lora.split`); with LoRA only its adapters are a copy,
+        # and it runs on the policy's own frozen base weights.
+        ref_logp = (forward_log_probs(lora.join(lora.split(params)[1], ref_params), batch)
+                    if grpo_cfg.beta > 0 else None)
         old_logp = forward_log_probs(params, batch) if grpo_cfg.num_iterations > 1 else None
 
         def iteration(carry, _):
             params, opt_state = carry
             (_, metrics), (g_params, g_phi) = loss_and_grads(params, phi, batch, graph, old_logp, ref_logp)
-            updates, opt_state = optimizer.update(g_params, opt_state, params)
             metrics["grad_norm"] = optax.global_norm(g_params)
-            return (optax.apply_updates(params, updates), opt_state), (g_phi, metrics)
+            return state_lib.apply_gradients(optimizer, params, opt_state, g_params), (g_phi, metrics)
 
         g_align = alignment_grad(params, phi, batch, graph) if controller_mode == "alignment" else None
         (params, opt_state), (g_phi, metrics) = jax.lax.scan(iteration, (params, opt_state), None,
@@ -190,8 +199,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     sft_params = artifacts.policy_params(config, workdir, layout=layout)
     optim_settings = state_lib.optimizer_settings(config.rl_optim, "rl_optim")
     optimizer = state_lib.make_optimizer(optim_settings, cfg.num_steps)
-    # The reference is its own copy: the policy's buffers are donated to each update.
-    ref_params = jax.tree_util.tree_map(jnp.copy, sft_params) if grpo_cfg.beta > 0 else None
+    # The reference is the SFT policy's trainable part, copied (the policy's buffers are donated to each update);
+    # with LoRA that is the adapters only, the base weights being shared with the policy (`make_update`).
+    ref_params = jax.tree_util.tree_map(jnp.copy, lora.split(sft_params)[0]) if grpo_cfg.beta > 0 else None
 
     def init_state(params) -> dict:
         state = state_lib.new_state(params, optimizer, jax.random.PRNGKey(config.seed + 1))
@@ -219,6 +229,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                                      replace=False)
 
     def step_fn(state, rows):
+        started = time.perf_counter()
         rows = np.repeat(rows, group_size)
         prompt_tokens = encoded["tokens"][rows]
         prompt_mask = encoded["attention_mask"][rows].astype(bool)
@@ -229,6 +240,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                                                prompt_mask[mine]))
         out = layout.to_host(generate(state["params"], *global_prompts, sample_rng, sample_cfg,
                                       tokenizer.eos_token_id, tokenizer.pad_token_id))
+        generated = time.perf_counter()
         batch = rollout.assemble(task, pieces, rows, prompt_tokens, prompt_mask, out.tokens, out.lengths,
                                  out.truncated)
         scored = batch.scored
@@ -237,15 +249,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         arrays = batch.arrays()
         update_batch = layout.load_batch(np.arange(len(rows)), lambda mine: {k: v[mine] for k, v in arrays.items()})
         ctrl = state["controller"]
-        params, opt_state, g_phi, metrics = update(state["params"], state["opt_state"], ctrl.phi, update_batch,
-                                                   graph, ref_params)
+        scored_at = time.perf_counter()
+        params, opt_state, g_phi, metrics = jax.block_until_ready(
+            update(state["params"], state["opt_state"], ctrl.phi, update_batch, graph, ref_params))
+        updated = time.perf_counter()
         if scored.node_correct is not None:
             metrics.update(blame_metrics(spec, settings, graph, ctrl.phi, batch, scored))
         ctrl, ctrl_metrics = controller_lib.controller_update(ctrl, g_phi, ctrl_settings)
         reward_stats = grpo.group_reward_stats(jnp.asarray(scored.rewards), group_size)
         metrics = {**{f"rl/{k}": v for k, v in metrics.items() if not k.startswith("credit/")},
                    **{k: v for k, v in metrics.items() if k.startswith("credit/")},
-                   **{f"rl/{k}": v for k, v in reward_stats.items()}, **ctrl_metrics, **scored.metrics}
+                   **{f"rl/{k}": v for k, v in reward_stats.items()}, **ctrl_metrics, **scored.metrics,
+                   # Where a step's time goes: sampling, host-side scoring and encoding, the jitted update
+                   # (old/reference log-probs and the μ iterations), and the rest (diagnostics, controller).
+                   "time/generate_s": generated - started, "time/score_s": scored_at - generated,
+                   "time/update_s": updated - scored_at, "time/other_s": time.perf_counter() - updated}
         return {**state, "params": params, "opt_state": opt_state, "rng": rng, "controller": ctrl}, metrics
 
     return loop.fit(state, step_fn, batch_fn, num_steps=cfg.num_steps, workdir=workdir, stage="rl",

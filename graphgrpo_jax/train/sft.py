@@ -23,7 +23,7 @@ import optax
 
 from graphgrpo_jax import artifacts, mesh as mesh_lib, tasks
 from graphgrpo_jax.data import cot
-from graphgrpo_jax.models import decoder
+from graphgrpo_jax.models import decoder, lora
 from graphgrpo_jax.train import loop, state as state_lib
 
 BATCH_KEYS = ("tokens", "attention_mask", "loss_mask", "node_ids")
@@ -48,8 +48,11 @@ def cot_random_mask(rng: jax.Array, loss_mask: jax.Array, node_ids: jax.Array, *
 
 
 def summed_nll(params: Any, model_config: decoder.DecoderConfig, batch: dict) -> jax.Array:
-    """Negative log-likelihood summed over the tokens of `batch["weights"]` (float32 0/1)."""
-    logp = decoder.token_log_probs(params, model_config, batch["tokens"], batch["attention_mask"])
+    """Negative log-likelihood summed over the tokens of `batch["weights"]` (float32 0/1). With a
+    `batch["dropout_rng"]` (one key per row) the LoRA adapters' dropout runs, keyed by the first row's key."""
+    dropout_rng = batch["dropout_rng"][0] if "dropout_rng" in batch else None
+    logp = decoder.token_log_probs(params, model_config, batch["tokens"], batch["attention_mask"],
+                                   dropout_rng=dropout_rng)
     return -(logp * batch["weights"]).sum()
 
 
@@ -58,11 +61,12 @@ def make_train_step(model_config: decoder.DecoderConfig, optimizer: optax.Gradie
     """A pure `step(state, batch) -> (state, metrics)`; jit it with the caller's shardings.
 
     The loss is the mean NLL over the batch's supervised tokens; `microbatches` > 1 computes it in
-    slices of rows (`state.summed_value_and_grad`): the same update, a smaller working set.
+    slices of rows (`state.summed_value_and_grad`): the same update, a smaller working set. With LoRA
+    (`model_config.lora_rank`) only the adapters are differentiated and updated (`lora.split`).
     """
 
     def step(state: dict, batch: dict) -> tuple[dict, dict]:
-        rng, mask_rng = jax.random.split(state["rng"])
+        rng, mask_rng, dropout_rng = jax.random.split(state["rng"], 3)
         loss_mask = batch["loss_mask"]
         if p_mask > 0:
             loss_mask = cot_random_mask(mask_rng, loss_mask, batch["node_ids"], label_node=label_node,
@@ -70,11 +74,13 @@ def make_train_step(model_config: decoder.DecoderConfig, optimizer: optax.Gradie
         weights = loss_mask.astype(jnp.float32)
         num_tokens = jnp.maximum(weights.sum(), 1.0)
         rows = {"tokens": batch["tokens"], "attention_mask": batch["attention_mask"], "weights": weights}
-        nll, grads = state_lib.summed_value_and_grad(lambda p, b: summed_nll(p, model_config, b),
-                                                     state["params"], rows, microbatches)
+        if model_config.lora_rank and model_config.lora_dropout:  # one key per row: each slice its own
+            rows["dropout_rng"] = jax.random.split(dropout_rng, batch["tokens"].shape[0])
+        trainable, frozen = lora.split(state["params"])
+        nll, grads = state_lib.summed_value_and_grad(
+            lambda p, b: summed_nll(lora.join(frozen, p), model_config, b), trainable, rows, microbatches)
         grads = jax.tree_util.tree_map(lambda g: g / num_tokens.astype(g.dtype), grads)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        params, opt_state = state_lib.apply_gradients(optimizer, state["params"], state["opt_state"], grads)
         metrics = {"sft/loss": nll / num_tokens, "sft/supervised_tokens": weights.sum(),
                    "sft/grad_norm": optax.global_norm(grads),
                    "sft/masked_share": 1.0 - weights.sum() / jnp.maximum(batch["loss_mask"].sum(), 1)}

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from graphgrpo_jax.models import lora
+
 SCHEDULES = ("constant", "cosine")
 # Fields an optimizer section may also hold that its stage reads, not the optimizer: rows per step and the
 # gradient-accumulation slices of a step (`config.optim` for SFT, `config.rl_optim` for the RL update).
@@ -102,8 +104,18 @@ def make_optimizer(settings: OptimizerSettings | Mapping[str, Any] | ml_collecti
 
 
 def new_state(params: Any, optimizer: optax.GradientTransformation, rng: jax.Array) -> dict:
-    """A train state around `params` (pure, so `Layout.init` can build it shard by shard)."""
-    return {"params": params, "opt_state": optimizer.init(params), "rng": rng}
+    """A train state around `params` (pure, so `Layout.init` can build it shard by shard). The optimizer
+    state covers the trainable params only (`lora.split`: the adapters when the model has them)."""
+    return {"params": params, "opt_state": optimizer.init(lora.split(params)[0]), "rng": rng}
+
+
+def apply_gradients(optimizer: optax.GradientTransformation, params: Any, opt_state: Any,
+                    grads: Any) -> tuple[Any, Any]:
+    """(params, opt_state) after one optimizer step, `grads` being those of the trainable params
+    (`lora.split(params)[0]`, the whole tree without adapters); the frozen params come back as they were."""
+    trainable, frozen = lora.split(params)
+    updates, opt_state = optimizer.update(grads, opt_state, trainable)
+    return lora.join(frozen, optax.apply_updates(trainable, updates)), opt_state
 
 
 def create_state(params: Any, optimizer: optax.GradientTransformation, rng: jax.Array) -> dict:
