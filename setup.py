@@ -40,8 +40,8 @@ EXTRAS = {
     ],
     # Regenerates the committed HF parity fixtures (CPU torch only).
     "torch": ["torch==2.13.0"],
-    # The peers of experiments/bench/: PyTorch, transformers.generate and TRL's GRPOTrainer.
-    "bench": ["torch==2.13.0", "trl==1.16.0", "accelerate==1.15.0", "datasets==5.2.0"],
+    # The peers of experiments/bench/: PyTorch, transformers.generate, TRL's GRPOTrainer and PEFT's LoRA.
+    "bench": ["torch==2.13.0", "trl==1.16.0", "accelerate==1.15.0", "datasets==5.2.0", "peft==0.22.0"],
 }
 
 setup(

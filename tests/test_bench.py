@@ -5,6 +5,7 @@ and then both sides must compute the same thing: identical greedy tokens and equ
 losses from the same exported weights.
 """
 
+import dataclasses
 import os
 import sys
 
@@ -79,6 +80,19 @@ def test_train_step_ours_runs():
     assert float(rows[0][4]) > 0 and "0.0 GFLOP per step" in notes[0]  # 0.014 GFLOP
 
 
+def test_train_step_lora_side_runs_and_reports_its_ratio():
+    rows, notes = bench_train_step.run("tiny", batch_size=2, length=8, matmul_n=64, reps=1, peers=False,
+                                       lora_rank=4)
+    assert [row[0] for row in rows] == ["train step, ours (jax)", "train step, ours, LoRA r=4 (jax)",
+                                        "matmul 64³ fp32, jax"]
+    assert notes[0].startswith("**LoRA r=4 step / full step (ours): ") and "target <= 0.6x" in notes[0]
+    config, params = common.policy("tiny")
+    lora_config = dataclasses.replace(config, lora_rank=4)
+    full = common.analytic_train_flops(config, params, 2, 8)
+    adapted = common.analytic_lora_train_flops(lora_config, params, 2, 8)
+    assert 4 / 6 * full < adapted < full  # frozen weights skip a third of their matmuls; adapters add a little
+
+
 def test_grpo_step_ours_runs():
     rows, notes = bench_grpo_step.run("tiny", num_prompts=2, group=2, completion_len=4, prompt_len=32, reps=1,
                                       peers=False, microbatches=2)
@@ -89,6 +103,28 @@ def test_grpo_step_ours_runs():
     assert "sample" in notes[-1] and "update" in notes[-1]
 
 
+def _world_checkpoint(folder, make_chat_checkpoint):
+    from graphgrpo_jax.data import prepare, world as world_lib
+    return make_chat_checkpoint(folder, prepare.corpus(world_lib.build_world())[:400], 600)
+
+
+def test_grpo_step_on_a_checkpoint_with_lora_runs(tmp_path, make_chat_checkpoint):
+    folder = _world_checkpoint(tmp_path / "checkpoint", make_chat_checkpoint)
+    rows, notes = bench_grpo_step.run("tiny", num_prompts=2, group=2, completion_len=4, prompt_len=48, reps=1,
+                                      peers=False, hf_checkpoint=str(folder), lora_rank=2)
+    assert [row[0] for row in rows] == ["ours"]
+    assert notes[0].startswith("checkpoint checkpoint;") and "LoRA rank 2, alpha 4" in notes[0]
+
+
+@needs_peers
+def test_peer_grpo_step_with_peft_lora_runs(tmp_path, make_chat_checkpoint):
+    pytest.importorskip("peft", reason="peft (the bench extra) is not installed")
+    folder = _world_checkpoint(tmp_path / "checkpoint", make_chat_checkpoint)
+    rows, notes = bench_grpo_step.run("tiny", num_prompts=2, group=2, completion_len=4, prompt_len=48, reps=1,
+                                      peers=True, hf_checkpoint=str(folder), lora_rank=2)
+    assert [row[0] for row in rows] == ["trl", "ours"] and notes[0].startswith("**ours vs TRL")
+
+
 @needs_peers
 def test_peer_generate_decodes_the_same_greedy_tokens(tmp_path):
     config, params = common.policy("tiny")
@@ -97,6 +133,19 @@ def test_peer_generate_decodes_the_same_greedy_tokens(tmp_path):
     ours = bench_sampling.our_sampler(params, config, tokens, mask, 6, bench_sampling.MODES["greedy"])()
     theirs = bench_sampling.hf_sampler(model, tokens, mask, 6, bench_sampling.MODES["greedy"])()
     np.testing.assert_array_equal(np.asarray(ours), theirs.numpy())
+
+
+@needs_peers
+def test_peft_lora_step_starts_from_our_lora_loss(tmp_path):
+    pytest.importorskip("peft", reason="peft (the bench extra) is not installed")
+    config, params = common.policy("tiny")
+    lora_config = dataclasses.replace(config, lora_rank=4, lora_alpha=8.0)
+    batch = bench_train_step.sft_batch(2, 8, config.vocab_size)
+    ours, our_losses = bench_train_step.our_step(params, lora_config, batch)
+    theirs, their_losses = bench_train_step.torch_lora_step(common.torch_twin(params, config, tmp_path), batch, 4,
+                                                            8.0, lora_config.lora_targets)
+    ours(), theirs()
+    np.testing.assert_allclose(float(our_losses[0]), their_losses[0], rtol=1e-5)  # B = 0 on both sides
 
 
 @needs_peers

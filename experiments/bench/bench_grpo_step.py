@@ -2,6 +2,8 @@
 
     python experiments/bench/bench_grpo_step.py                    # small preset, 8 prompts x 8, 64 tokens
     python experiments/bench/bench_grpo_step.py --prompts 16 --reps 7
+    python experiments/bench/bench_grpo_step.py --hf_checkpoint models/SmolLM2-135M-Instruct --prompts 2 \
+        --group 4 --completion_len 32 --prompt_len 64 --reps 3 --lora_rank 16   # real weights, LoRA both sides
 
 A step is: sample G completions of each prompt, decode them, score them on the host, compute group
 advantages, and take one AdamW step on the clipped policy loss. Ours is the path of `train/rl.py`
@@ -16,11 +18,17 @@ group-scaled rewards, truncated completions kept, temperature 1, top-k 50, top-p
 The two sides alternate inside TRL's own loop: a trainer callback runs and times one of our steps after
 each of TRL's, and a TRL step is the wall time between two of our steps (data loading, generation,
 scoring, loss, backward, optimizer, its bookkeeping). The first step of each side is the warm-up.
+
+`--hf_checkpoint` runs both sides on a checkpoint folder's weights and tokenizer (e.g. the SmolLM2-135M-Instruct
+that `python -m graphgrpo_jax.models.gguf` imports) instead of a preset's random weights and the world's BPE;
+`--lora_rank r` trains rank-r adapters (alpha 2r, every projection) on both sides: ours (`models/lora.py`) and
+TRL's through PEFT (`peft_config`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import statistics
 import sys
@@ -39,7 +47,7 @@ import common  # noqa: E402
 from graphgrpo_jax import sampling, tokenization  # noqa: E402
 from graphgrpo_jax.data import cot, prepare, world as world_lib  # noqa: E402
 from graphgrpo_jax.graph import credit as credit_lib, spec as spec_lib  # noqa: E402
-from graphgrpo_jax.models import decoder  # noqa: E402
+from graphgrpo_jax.models import decoder, hf, lora  # noqa: E402
 from graphgrpo_jax.rl import grpo, rollout  # noqa: E402
 from graphgrpo_jax.train import rl, state as state_lib  # noqa: E402
 
@@ -58,9 +66,7 @@ def tokenizer_and_prompts(vocab_size: int, folder: str, max_len: int) -> tuple[o
     world = world_lib.build_world()
     tokenizer = tokenization.train_tokenizer(prepare.corpus(world), vocab_size, folder,
                                              extra_special_tokens=cot.node_tags())
-    prompts = [cot.prompt_text(p.query, p.product_title) for p in world.pairs]
-    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
-    return tokenizer, [p for p, n in zip(prompts, lengths) if n <= max_len]
+    return tokenizer, world_prompts(tokenizer, max_len, world)
 
 
 class LetterShareTask:
@@ -140,8 +146,10 @@ def our_grpo_step(params: decoder.Params, config: decoder.DecoderConfig, tokeniz
 
 
 def trl_trainer(params: decoder.Params, config: decoder.DecoderConfig, tokenizer, prompts: Sequence[str], *,
-                num_prompts: int, group: int, completion_len: int, steps: int, callbacks: Sequence, folder: str):
-    """TRL's GRPOTrainer on the same weights, tokenizer, prompts (in order) and reward as ours."""
+                num_prompts: int, group: int, completion_len: int, steps: int, callbacks: Sequence, folder: str,
+                lora: tuple[int, float, Sequence[str]] | None = None):
+    """TRL's GRPOTrainer on the same weights, tokenizer, prompts (in order) and reward as ours; `lora`
+    (rank, alpha, target modules) trains PEFT adapters instead of the weights."""
     import datasets
     import trl
 
@@ -166,8 +174,14 @@ def trl_trainer(params: decoder.Params, config: decoder.DecoderConfig, tokenizer
         return [letter_share(text) for text in completions]
 
     dataset = datasets.Dataset.from_dict({"prompt": list(prompts)})
+    peft_config = None
+    if lora is not None:
+        import peft
+        rank, alpha, targets = lora
+        peft_config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
+                                      bias="none", task_type="CAUSAL_LM")
     return trl.GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset,
-                           processing_class=tokenizer, callbacks=list(callbacks))
+                           processing_class=tokenizer, callbacks=list(callbacks), peft_config=peft_config)
 
 
 def alternating_callback(ours: Callable[[], dict], times: dict[str, list[float]]):
@@ -188,12 +202,35 @@ def alternating_callback(ours: Callable[[], dict], times: dict[str, list[float]]
     return Alternate()
 
 
+def checkpoint_policy(folder: str) -> tuple[decoder.DecoderConfig, decoder.Params, object]:
+    """(config, params, tokenizer) of a Hugging Face checkpoint folder, in fp32."""
+    config = decoder.DecoderConfig.from_config(hf.config_from_hf(folder))
+    config = dataclasses.replace(config, dtype="float32", param_dtype="float32")
+    return config, jax.device_put(hf.load_params(folder, config)), tokenization.load_tokenizer(folder)
+
+
+def world_prompts(tokenizer, max_len: int, world: world_lib.World | None = None) -> list[str]:
+    """The (default) world's relevance prompts of at most `max_len` tokens of `tokenizer`."""
+    prompts = [cot.prompt_text(p.query, p.product_title) for p in (world or world_lib.build_world()).pairs]
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    return [p for p, n in zip(prompts, lengths) if n <= max_len]
+
+
 def run(preset: str, num_prompts: int, group: int, completion_len: int, prompt_len: int, reps: int,
-        peers: bool, microbatches: int = 1) -> tuple[list[list[str]], list[str]]:
-    config, params = common.policy(preset)
+        peers: bool, microbatches: int = 1, hf_checkpoint: str = "",
+        lora_rank: int = 0) -> tuple[list[list[str]], list[str]]:
     folder = tempfile.mkdtemp(prefix="bench_grpo_")
-    tokenizer, prompts = tokenizer_and_prompts(config.vocab_size, str(pathlib.Path(folder) / "tokenizer"),
-                                               prompt_len)
+    if hf_checkpoint:
+        config, params, tokenizer = checkpoint_policy(hf_checkpoint)
+        prompts, model = world_prompts(tokenizer, prompt_len), f"checkpoint {pathlib.Path(hf_checkpoint).name}"
+    else:
+        config, params, model = *common.policy(preset), f"{preset} preset"
+        tokenizer, prompts = tokenizer_and_prompts(config.vocab_size, str(pathlib.Path(folder) / "tokenizer"),
+                                                   prompt_len)
+    base_config = config
+    if lora_rank:
+        config = dataclasses.replace(config, lora_rank=lora_rank, lora_alpha=2.0 * lora_rank)
+        params = decoder.with_adapters(params, config, jax.random.key(1))
     prompts = prompts[:num_prompts * (reps + 1)]
     phases = {}
     ours = our_grpo_step(params, config, tokenizer, prompts, num_prompts=num_prompts, group=group,
@@ -203,9 +240,10 @@ def run(preset: str, num_prompts: int, group: int, completion_len: int, prompt_l
         import torch
         torch.manual_seed(0)
         times = {"trl": [], "ours": []}
-        trainer = trl_trainer(params, config, tokenizer, prompts, num_prompts=num_prompts, group=group,
-                              completion_len=completion_len, steps=reps + 1,
-                              callbacks=[alternating_callback(ours, times)], folder=folder)
+        trainer = trl_trainer(lora.without_adapters(params), base_config, tokenizer, prompts,
+                              num_prompts=num_prompts, group=group, completion_len=completion_len, steps=reps + 1,
+                              callbacks=[alternating_callback(ours, times)], folder=folder,
+                              lora=(config.lora_rank, config.lora_alpha, config.lora_targets) if lora_rank else None)
         trainer.train()
         timing = {name: common.Timing(t[0], tuple(t[1:])) for name, t in times.items()}
     else:
@@ -213,10 +251,12 @@ def run(preset: str, num_prompts: int, group: int, completion_len: int, prompt_l
     rollouts = num_prompts * group
     rows = [[side, f"{t.first_s:.1f}", f"{t.median_s:.2f}", f"{rollouts / t.median_s:.1f}",
              f"{rollouts * completion_len / t.median_s:,.0f}"] for side, t in timing.items()]
-    notes = [f"{preset} preset; {num_prompts} prompts × {group} generations, up to {completion_len} completion "
+    notes = [f"{model}; {num_prompts} prompts × {group} generations, up to {completion_len} completion "
              f"tokens, prompts left-padded to {prompt_len} on our side (TRL pads to the batch's longest); "
              f"β = 0, μ = 1; our update in {microbatches} slice(s) of whole groups; medians of {reps} steps "
-             f"after one warm-up step each, sides alternating.",
+             f"after one warm-up step each, sides alternating"
+             + (f"; LoRA rank {lora_rank}, alpha {2 * lora_rank}, every projection, both sides (TRL through PEFT)."
+                if lora_rank else "."),
              "Our step, median seconds by phase: " + ", ".join(
                  f"{name} {statistics.median(t[1:]):.2f}" for name, t in phases.items()) + "."]
     if peers:
@@ -234,12 +274,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--microbatches", type=int, default=1,
                         help="our update's forward and backward over this many slices of whole groups")
+    parser.add_argument("--hf_checkpoint", default="", help="a checkpoint folder: its weights and tokenizer")
+    parser.add_argument("--lora_rank", type=int, default=0, help="> 0: LoRA adapters of this rank, both sides")
     parser.add_argument("--no_peers", action="store_true", help="time our step only")
     parser.add_argument("--no_save", action="store_true", help="print only; do not append to results/")
     args = parser.parse_args(argv)
     peers = common.peers_available() and not args.no_peers
     rows, notes = run(args.preset, args.prompts, args.group, args.completion_len, args.prompt_len, args.reps,
-                      peers, args.microbatches)
+                      peers, args.microbatches, args.hf_checkpoint, args.lora_rank)
     common.report("grpo_step", "python experiments/bench/bench_grpo_step.py " + " ".join(sys.argv[1:]),
                   common.markdown_table(HEADER, rows), notes,
                   results_dir=None if args.no_save else common.RESULTS_DIR)

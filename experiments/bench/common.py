@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs.common import model_config
-from graphgrpo_jax.models import decoder, hf
+from graphgrpo_jax.models import decoder, hf, lora
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -163,6 +163,19 @@ def analytic_train_flops(config: decoder.DecoderConfig, params: decoder.Params, 
         num_params -= config.vocab_size * config.hidden_size  # the lookup table does no matmul
     attention = 12 * config.num_layers * batch * length ** 2 * config.num_heads * config.head_dim
     return 6 * num_params * batch * length + attention
+
+
+def analytic_lora_train_flops(config: decoder.DecoderConfig, params: decoder.Params, batch: int,
+                              length: int) -> float:
+    """`analytic_train_flops` of a LoRA step: the frozen weights' matmuls run forward and in the input gradient
+    (4·N per token), the adapters' in all three (6·N_adapters); attention as before."""
+    base = lora.without_adapters(params)
+    num_base = sum(x.size for x in jax.tree_util.tree_leaves(base))
+    if not config.tie_embeddings:
+        num_base -= config.vocab_size * config.hidden_size
+    num_adapters = lora.count(decoder.with_adapters(base, config, jax.random.key(0)))[0]
+    attention = 12 * config.num_layers * batch * length ** 2 * config.num_heads * config.head_dim
+    return (4 * num_base + 6 * num_adapters) * batch * length + attention
 
 
 # --------------------------------------------------------------------------------------------------
