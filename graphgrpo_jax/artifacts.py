@@ -21,7 +21,7 @@ import numpy as np
 
 from graphgrpo_jax import checkpointing, mesh as mesh_lib, tokenization
 from graphgrpo_jax.data import cot
-from graphgrpo_jax.models import decoder, encoder, hf
+from graphgrpo_jax.models import decoder, encoder, hf, lora
 
 # Values of the categorical nodes a student has a head for, in head order.
 STUDENT_NODE_VALUES: dict[str, tuple[str, ...]] = {
@@ -130,15 +130,32 @@ def pretrained_params(config: ml_collections.ConfigDict, layout: mesh_lib.Layout
 def policy_params(config: ml_collections.ConfigDict, workdir: str, stage: str = "sft",
                   layout: mesh_lib.Layout | None = None) -> decoder.Params:
     """The newest policy params of `stage` ("sft" or "rl"), shaped by `config.model`; `"base"` is the
-    weights of `config.model.hf_checkpoint` as SFT starts from them (`pretrained_params`)."""
+    weights of `config.model.hf_checkpoint` as SFT starts from them (`pretrained_params`).
+
+    With `model.lora_rank` and a checkpoint without adapters (a full fine-tune), the policy gets fresh ones
+    (B = 0: the same function); a checkpoint with adapters under a config without them is an error (restoring
+    the base alone would silently drop what was trained)."""
     layout = layout or mesh_lib.Layout.from_config(config.get("mesh"))
     model_config = decoder.DecoderConfig.from_config(config.model)
     like = jax.eval_shape(functools.partial(decoder.init_params, model_config), jax.random.PRNGKey(0))
     shardings = layout.param_shardings(like, decoder.param_logical_axes(model_config))
     if stage == BASE_POLICY:
         return pretrained_params(config, layout)
-    return _restore_params(checkpoint_dir(workdir, stage), mesh_lib.with_shardings(like, shardings),
-                           "policy", stage)
+    directory = checkpoint_dir(workdir, stage)
+    with checkpointing.Checkpointer(directory) as ckpt:
+        stored = ckpt.stored_paths()
+    stored_adapters = any(path.startswith("params/") and path.endswith("/lora_a") for path in stored)
+    if stored_adapters and not model_config.lora_rank:
+        raise ValueError(f"{directory}: the {stage} policy holds LoRA adapters, but config.model.lora_rank = 0 would "
+                         f"leave them out: run with the model.lora_* settings it was trained with (its `export` "
+                         f"is the merged plain model)")
+    if model_config.lora_rank and stored and not stored_adapters:  # e.g. full SFT, then LoRA GRPO: fresh adapters
+        adapter_shardings, base_shardings = lora.split(shardings)
+        base = _restore_params(directory, mesh_lib.with_shardings(lora.split(like)[1], base_shardings), "policy",
+                               stage)
+        adapters = lora.split(decoder.with_adapters(base, model_config, jax.random.PRNGKey(config.seed)))[0]
+        return lora.join(base, jax.device_put(adapters, adapter_shardings))
+    return _restore_params(directory, mesh_lib.with_shardings(like, shardings), "policy", stage)
 
 
 def student_config() -> encoder.EncoderConfig:

@@ -124,17 +124,26 @@ class Checkpointer:
             return Restored(step=step, state=state, meta=dict(out["meta"]))
         return None
 
-    def _structure_mismatch(self, step: int, abstract: Any, partial: bool = False) -> str:
-        """What differs between the leaves stored at `step` and those of `abstract` ("" when they agree or
-        the step's metadata cannot be read, i.e. when the step itself is damaged)."""
+    def stored_paths(self, step: int | None = None) -> set[str]:
+        """The leaf paths ("params/layers/...") of the state stored at `step` (default: the newest); empty when
+        there is no step or its metadata cannot be read (a damaged step)."""
+        steps = self.all_steps()
+        step = steps[-1] if step is None and steps else step
+        if step is None:
+            return set()
         reader = ocp.CheckpointManager(self.directory, item_handlers={
             "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
         try:
-            stored = _leaf_paths(reader.item_metadata(step)["state"])
-        except Exception:  # noqa: BLE001 - unreadable metadata: a damaged step, not a mismatch
-            return ""
+            return _leaf_paths(reader.item_metadata(step)["state"])
+        except Exception:  # noqa: BLE001 - unreadable metadata: a damaged step
+            return set()
         finally:
             reader.close()
+
+    def _structure_mismatch(self, step: int, abstract: Any, partial: bool = False) -> str:
+        """What differs between the leaves stored at `step` and those of `abstract` ("" when they agree or
+        the step's metadata cannot be read, i.e. when the step itself is damaged)."""
+        stored = self.stored_paths(step)
         wanted = _leaf_paths(_without_empty(abstract))
         if not stored or stored == wanted or (partial and wanted <= stored):
             return ""

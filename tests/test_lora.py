@@ -292,3 +292,21 @@ def test_the_pipeline_trains_adapters_on_a_frozen_base_and_exports_them_merged(l
         np.testing.assert_allclose(np.asarray(decoder.forward(exported, plain, tokens, mask)),
                                    np.asarray(decoder.forward(params, model_config, tokens, mask)), atol=2e-5)
 
+
+
+def test_a_policy_trained_without_adapters_gets_fresh_ones_and_the_reverse_is_refused(lora_run, tmp_path):
+    """Full SFT then LoRA GRPO reads the full checkpoint and adds B = 0 adapters; a LoRA checkpoint read under a
+    config without LoRA would lose its adapters, so it fails, naming the setting."""
+    config, workdir = lora_run
+    plain = relevance.get_config("micro")
+    with pytest.raises(ValueError, match=r"holds LoRA adapters, but config.model.lora_rank = 0"):
+        artifacts.policy_params(plain, workdir, "sft")
+    full_workdir = tmp_path / "full"
+    plain.stages, plain.sft.num_steps = ("data", "sft"), 2
+    main.run(plain, str(full_workdir))
+    full = jax.device_get(artifacts.policy_params(plain, str(full_workdir), "sft"))
+    adapted = jax.device_get(artifacts.policy_params(config, str(full_workdir), "sft"))
+    adapters, base = lora.split(adapted)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, base, full)
+    assert lora.has_adapters(adapted) and all(
+        np.all(leaf == 0) for path, leaf in lora._flat(adapters).items() if path[-1] == "lora_b")
