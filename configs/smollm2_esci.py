@@ -18,7 +18,8 @@ Variants:
   gpu    bf16 compute over fp32 master weights, larger batches and groups.
   micro  a few steps of everything (tests point `model.hf_checkpoint` at a tiny checkpoint).
 Arms of the experiment (experiments/README.md) are overrides of the same config: label-only SFT
-`--config.data.esci.teacher=none`; outcome GRPO `--config.credit.variant=outcome`.
+`--config.data.esci.teacher=none`; outcome GRPO `--config.credit.variant=outcome`. LoRA instead of full
+fine-tuning: `--config.model.lora_rank=16 --config.model.lora_alpha=32` (README, "LoRA").
 """
 
 import ml_collections
