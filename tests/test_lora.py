@@ -221,7 +221,7 @@ def test_the_rl_update_trains_adapters_against_the_base_as_reference():
     jax.tree_util.tree_map(np.testing.assert_array_equal, new_frozen, frozen)
     assert max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree_util.tree_leaves(new_adapters),
                                                             jax.tree_util.tree_leaves(adapters))) > 1e-4
-    assert float(metrics["kl"]) == 0.0  # the first iteration's policy is the reference (B = 0: the base)
+    assert abs(float(metrics["kl"])) < 1e-6  # the first iteration's policy is the reference (B = 0: the base)
     assert jax.tree_util.tree_structure(opt_state[1][0].mu) == jax.tree_util.tree_structure(adapters)
 
 
