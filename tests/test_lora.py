@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from flax.traverse_util import flatten_dict
 
 from configs import common, relevance
 from graphgrpo_jax import artifacts, config_validation, main, mesh as mesh_lib, sampling
@@ -78,8 +79,7 @@ def test_fresh_adapters_leave_the_base_model_as_it_was():
     params = decoder.with_adapters(base, MODEL, jax.random.key(5))
     trainable, frozen = lora.split(params)
     assert jax.tree_util.tree_structure(frozen) == jax.tree_util.tree_structure(base)
-    assert all(np.all(np.asarray(b) == 0) for b in jax.tree_util.tree_leaves(
-        {k: v for k, v in lora._flat(trainable).items() if k[-1] == "lora_b"}))
+    assert all(np.all(np.asarray(b) == 0) for path, b in flatten_dict(trainable).items() if path[-1] == "lora_b")
     tokens, mask = _tokens()
     np.testing.assert_array_equal(np.asarray(decoder.forward(params, MODEL, tokens, mask)),
                                   np.asarray(decoder.forward(base, MODEL.without_lora(), tokens, mask)))
@@ -92,7 +92,7 @@ def test_fresh_adapters_leave_the_base_model_as_it_was():
 
 def test_targets_choose_the_adapted_projections_and_bad_ones_are_named():
     config = dataclasses.replace(MODEL, lora_targets=("q_proj", "v_proj"))
-    adapted = {path[-2] for path in lora._flat(decoder.init_params(config, jax.random.key(0))) if path[-1] == "lora_a"}
+    adapted = {path[-2] for path in flatten_dict(decoder.init_params(config, jax.random.key(0))) if path[-1] == "lora_a"}
     assert adapted == {"q_proj", "v_proj"}
     with pytest.raises(ValueError, match=r"model.lora_targets=\('qproj',\): name one or more of"):
         dataclasses.replace(MODEL, lora_targets=("qproj",))
@@ -279,7 +279,7 @@ def test_the_pipeline_trains_adapters_on_a_frozen_base_and_exports_them_merged(l
     # all score alike, so its two RL steps have no advantage to follow.)
     assert jax.tree_util.tree_structure(lora.split(rl_params)[0]) == jax.tree_util.tree_structure(
         lora.split(sft_params)[0])
-    trained_b = [leaf for path, leaf in lora._flat(sft_params).items() if path[-1] == "lora_b"]
+    trained_b = [leaf for path, leaf in flatten_dict(sft_params).items() if path[-1] == "lora_b"]
     assert all(np.abs(leaf).max() > 0 for leaf in trained_b)  # SFT moved every B from its zero start
     tokens, mask = _tokens(2, 10, seed=4)
     for policy, params in (("sft", sft_params), ("rl", rl_params)):
@@ -309,4 +309,4 @@ def test_a_policy_trained_without_adapters_gets_fresh_ones_and_the_reverse_is_re
     adapters, base = lora.split(adapted)
     jax.tree_util.tree_map(np.testing.assert_array_equal, base, full)
     assert lora.has_adapters(adapted) and all(
-        np.all(leaf == 0) for path, leaf in lora._flat(adapters).items() if path[-1] == "lora_b")
+        np.all(leaf == 0) for path, leaf in flatten_dict(adapters).items() if path[-1] == "lora_b")
